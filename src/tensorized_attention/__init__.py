@@ -1,0 +1,26 @@
+"""tensorized-attention: attention over long sequences folded into tensors.
+
+See :func:`tensorized_attn` for the operator and its exact semantics.
+"""
+
+from . import fold, ops, passes
+from .fold import choose_shape, coordinates, fold_size, strides
+from .ops import available_backends, tensorized_attn
+from .passes import draw_passes, pass_mask
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "available_backends",
+    "choose_shape",
+    "coordinates",
+    "draw_passes",
+    "fold",
+    "fold_size",
+    "ops",
+    "pass_mask",
+    "passes",
+    "strides",
+    "tensorized_attn",
+]

@@ -1,0 +1,217 @@
+"""The public operator: input checks, defaults, and the choice of backend."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..fold import check_shape, choose_shape
+from ..passes import MODES
+from .reference import tensorized_attn_reference
+
+__all__ = ["tensorized_attn", "available_backends"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Backends that can run on ``device`` (all devices when None), best first."""
+    return ["reference"]
+
+
+def tensorized_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    shape: Sequence[int] | None = None,
+    *,
+    causal: bool = True,
+    mode: str | None = None,
+    order: Sequence[int] | None = None,
+    gate: torch.Tensor | None = None,
+    sinks: int = 0,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Tensorized attention: attention along each dimension of a fold of the sequence.
+
+    The sequence of ``seqlen`` positions is folded row-major into a tensor of shape
+    ``(n_1, ..., n_m)`` (padded at the end when ``prod(shape) > seqlen``). The passes
+    run in ``order``; pass ``t`` along dimension ``j`` computes
+    ``V_t = softmax(softmax_scale * q @ k^T + mask_j) @ V_{t-1}`` with ``V_0 = v``: q and k
+    never change, only the values do. The output is the last ``V``. Cost per query:
+    ``sum(shape)`` keys instead of ``seqlen``.
+
+    Which keys a query reads in each pass, drawn for the 4 x 4 fold (position
+    ``p = 4 * row + column``) and the query at ``p = 9`` (``q``; ``x``: a key it reads).
+
+    ``mode="block"``, causal (the paper's fold): the fiber of the pass's dimension,
+    earlier keys only. Causal block does not reach every earlier token: (2, 1) never
+    reads (1, 3), at any depth::
+
+        pass along dim 0    pass along dim 1
+        . x . .             . . . .
+        . x . .             . . . .
+        . q . .             x q . .
+        . . . .             . . . .
+
+    ``mode="complete"`` (causal only): ``p`` reads ``p - t * s_j`` for ``0 <= t < n_j``, a
+    causal window of ``n_j`` keys dilated by the stride ``s_j`` of the dimension; every
+    earlier token is reached along exactly one path::
+
+        pass along dim 0    pass along dim 1
+        . x . .             . . . .
+        . x . .             . . x x
+        . q . .             x q . .
+        . . . .             . . . .
+
+    ``mode="block"``, ``causal=False``: the whole fiber::
+
+        pass along dim 0    pass along dim 1
+        . x . .             . . . .
+        . x . .             . . . .
+        . q . .             x q x x
+        . x . .             . . . .
+
+    With ``sinks=2`` (``s``: a sink read beyond the pass mask), complete::
+
+        pass along dim 0    pass along dim 1
+        s x . .             s s . .
+        . x . .             . . x x
+        . q . .             x q . .
+        . . . .             . . . .
+
+    Arguments:
+        q: ``[batch, seqlen, heads, headdim]``.
+        k, v: ``[batch, seqlen, kv_heads, headdim]``; ``heads`` a multiple of ``kv_heads``
+            (grouped-query attention: query head ``h`` reads kv head
+            ``h // (heads // kv_heads)``; k and v are never repeated in memory).
+            q, k, v share one floating dtype (float16, bfloat16, float32, float64) and device.
+        shape: the fold ``(n_1, ..., n_m)``, positive ints with ``prod(shape) >= seqlen``.
+            None: :func:`tensorized_attention.choose_shape` ``(seqlen)`` (two dims).
+        causal: queries read only earlier or equal positions.
+        mode: ``"block"`` or ``"complete"``; None means ``"complete"`` when causal, else
+            ``"block"``. ``"complete"`` needs ``causal=True``.
+        order: the dimensions the passes visit, a permutation of ``range(m)``; default
+            ``range(m)``: coarsest first, the contiguous dimension last.
+        gate: None (no gate), or a floating tensor of shape ``[heads, m]`` or ``[m]``
+            (shared by all heads), values in ``[0, 1]``, on q's device: pass ``t`` (its
+            place in ``order``) computes ``V_t = g[h, t] V_{t-1} + (1 - g[h, t]) A_t V_{t-1}``.
+            Gradients flow to it. The mix is computed in float32 (float64 for float64 inputs).
+        sinks: ``S >= 0``; in every pass each query also reads positions ``0 .. S-1``
+            (those ``<= p`` when causal) that its pass mask does not already hold, with the
+            values of that pass's input. Sinks beyond ``seqlen`` do not exist.
+        softmax_scale: defaults to ``1 / sqrt(headdim)``.
+        backend: ``"auto"`` (the best available for q's device), or ``"reference"``
+            (PyTorch, any device).
+
+    Returns:
+        ``[batch, seqlen, heads, headdim]`` in q's dtype.
+
+    Example::
+
+        >>> import torch
+        >>> from tensorized_attention import tensorized_attn
+        >>> q = torch.randn(1, 1000, 8, 64)
+        >>> k, v = torch.randn(2, 1, 1000, 2, 64).unbind(0)
+        >>> out = tensorized_attn(q, k, v, (32, 32), causal=True, gate=torch.full((2,), 0.5), sinks=4)
+        >>> out.shape
+        torch.Size([1, 1000, 8, 64])
+    """
+    _check_tensors(q, k, v)
+    B, N, H, D = q.shape
+    if shape is None:
+        shape = choose_shape(N)
+    shape = check_shape(shape, N)
+    m = len(shape)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
+    if mode is None:
+        mode = "complete" if causal else "block"
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+    if mode == "complete" and not causal:
+        raise ValueError("mode='complete' is causal only: pass causal=True, or mode='block' for bidirectional")
+    order = _check_order(order, m)
+    gate = _check_gate(gate, H, m, q.device)
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(D)
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    backend = _choose_backend(backend, q.device)
+    return tensorized_attn_reference(
+        q, k, v, shape,
+        causal=causal, mode=mode, order=order, gate=gate, sinks=sinks,
+        softmax_scale=float(softmax_scale),
+    )
+
+
+def _check_tensors(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be 4-D [batch, seqlen, heads, headdim], got shape {tuple(x.shape)}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must have a floating dtype in {FLOAT_DTYPES}, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, N, H, D = q.shape
+    Bk, Nk, Hkv, Dk = k.shape
+    if Bk != B:
+        raise ValueError(f"batch of k/v ({Bk}) must equal batch of q ({B})")
+    if Nk != N:
+        raise ValueError(f"seqlen of k/v ({Nk}) must equal seqlen of q ({N})")
+    if Dk != D:
+        raise ValueError(f"headdim of k/v ({Dk}) must equal headdim of q ({D})")
+    if N < 1 or B < 1 or D < 1:
+        raise ValueError(f"batch, seqlen and headdim must be >= 1, got q shape {tuple(q.shape)}")
+    if Hkv < 1 or H % Hkv != 0:
+        raise ValueError(f"number of heads in k/v ({Hkv}) must divide number of heads in q ({H})")
+
+
+def _check_order(order, m: int) -> tuple[int, ...]:
+    if order is None:
+        return tuple(range(m))
+    if isinstance(order, (str, bytes)) or not isinstance(order, Sequence):
+        raise TypeError(f"order must be a sequence of ints, a permutation of range({m}), got {order!r}")
+    if any(isinstance(j, bool) or not isinstance(j, int) for j in order) or sorted(order) != list(range(m)):
+        raise ValueError(f"order must be a permutation of range({m}) (one entry per fold dimension), got {tuple(order)}")
+    return tuple(int(j) for j in order)
+
+
+def _check_gate(gate, heads: int, m: int, device: torch.device) -> torch.Tensor | None:
+    if gate is None:
+        return None
+    if not isinstance(gate, torch.Tensor):
+        raise TypeError(f"gate must be None or a torch.Tensor of shape [{heads}, {m}] or [{m}], got {type(gate).__name__}")
+    if not gate.is_floating_point():
+        raise TypeError(f"gate must have a floating dtype, got {gate.dtype}")
+    if gate.device != device:
+        raise ValueError(f"gate must be on q's device {device}, got {gate.device}")
+    if tuple(gate.shape) == (m,):
+        gate = gate.expand(heads, m)
+    elif tuple(gate.shape) != (heads, m):
+        raise ValueError(f"gate must have shape [heads, m] = [{heads}, {m}] or [m] = [{m}], got {tuple(gate.shape)}")
+    if not torch.compiler.is_compiling() and not bool(((gate >= 0) & (gate <= 1)).all()):
+        raise ValueError("gate values must lie in [0, 1] (a share of the pass's input to keep)")
+    return gate
+
+
+def _choose_backend(backend: str, device: torch.device) -> str:
+    names = available_backends(device)
+    if backend == "auto":
+        return names[0]
+    if backend not in ("reference",):
+        raise ValueError(f"backend must be 'auto' or one of ('reference',), got {backend!r}")
+    if backend not in names:
+        raise ValueError(f"backend {backend!r} is not available on device {device}; available: {names}")
+    return backend

@@ -1,0 +1,143 @@
+"""Reference backend: tensorized attention in plain PyTorch (any device, autograd).
+
+The readable definition of DESIGN.md §2. Each pass gathers the fibers of its dimension
+with a reshape and a permute (a copy of q, k and the values per pass: the price of
+clarity), attends inside them, and scatters the result back. Memory is linear in the
+sequence length: a ``block`` pass scores ``n_j`` keys per query, a ``complete`` pass
+``2 n_j`` (its fiber and the one before it), plus the sinks; no N x N tensor is built.
+
+Grouped-query attention: the ``G = H / H_kv`` query heads of one kv head are a separate
+axis, so k (and the values of the first pass) broadcast over it without being repeated.
+
+Inputs here are already validated by :func:`tensorized_attention.tensorized_attn`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..fold import fold_size
+from ..passes import FoldPass, plan_passes
+
+__all__ = ["tensorized_attn_reference"]
+
+
+def tensorized_attn_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    shape: tuple[int, ...],
+    *,
+    causal: bool,
+    mode: str,
+    order: tuple[int, ...],
+    gate: torch.Tensor | None,
+    sinks: int,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """q: [B, N, H, D]; k, v: [B, N, H_kv, D]; gate: [H, m] or None. Returns [B, N, H, D]."""
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    P = fold_size(shape)
+
+    def to_internal(x: torch.Tensor, groups: int) -> torch.Tensor:
+        # [B, N, Hx, D] -> [B, H_kv, groups, P, D], zero-padded at the end of the sequence
+        x = x.reshape(B, N, Hkv, groups, D).permute(0, 2, 3, 1, 4)
+        return F.pad(x, (0, 0, 0, P - N)) if P > N else x
+
+    qi, ki, values = to_internal(q, G), to_internal(k, 1), to_internal(v, 1)
+    sink_count = min(sinks, N)
+    positions = torch.arange(P, device=q.device)
+    plan = plan_passes(shape, order, mode, causal)
+    for t, step in enumerate(plan):
+        g = None if gate is None else gate[:, t].reshape(Hkv, G, 1, 1)
+        values = _fold_pass(step, qi, ki, values, g, shape, N, sink_count, positions, softmax_scale)
+    out = values[:, :, :, :N]  # [B, H_kv, G, N, D]
+    return out.permute(0, 3, 1, 2, 4).reshape(B, N, H, D)
+
+
+def _fibers(x: torch.Tensor, step: FoldPass) -> torch.Tensor:
+    """[..., P, D] -> [..., C, s, n, D]: the fibers of the pass's dimension (n = size,
+    s = stride, C = P / (n s) = the product of the coarser dimensions)."""
+    *lead, P, D = x.shape
+    n, s = step.size, step.stride
+    return x.reshape(*lead, P // (n * s), n, s, D).transpose(-3, -2)
+
+
+def _unfibers(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_fibers`."""
+    *lead, C, s, n, D = x.shape
+    return x.transpose(-3, -2).reshape(*lead, C * n * s, D)
+
+
+def _fold_pass(step, q, k, values, gate, shape, seqlen, sink_count, positions, scale):
+    """One FoldPass. q: [B, Hkv, G, P, D]; k: [B, Hkv, 1, P, D]; values: [B, Hkv, 1 or G, P, D]."""
+    n, s = step.size, step.stride
+    qf, kf, vf = _fibers(q, step), _fibers(k, step), _fibers(values, step)
+    pos = _fibers(positions[:, None], step)[..., 0]  # [C, s, n]: position of each fiber slot
+    if step.mode == "complete":
+        # keys: the previous fiber (same residue mod s, one slot of the coarser dims back)
+        # followed by this one; query slot i reads key slot j iff 0 <= (i + n) - j < n.
+        kf = torch.cat([_shift_fibers(kf), kf], dim=-2)
+        vf = torch.cat([_shift_fibers(vf), vf], dim=-2)
+        key_pos = torch.cat([pos - n * s, pos], dim=-1)  # [C, s, 2n]; negative: no key
+        i = torch.arange(n, device=q.device)[:, None]
+        j = torch.arange(2 * n, device=q.device)[None, :]
+        allowed = ((i + n - j) >= 0) & ((i + n - j) < n)  # [n, 2n]
+        allowed = allowed & (key_pos[..., None, :] >= 0)  # [C, s, n, 2n]
+    else:
+        key_pos = pos
+        if step.causal:
+            allowed = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        else:
+            allowed = torch.ones(n, n, dtype=torch.bool, device=q.device)
+        # padded keys are never read by a real query (padded queries may read them:
+        # their outputs are dropped, and this keeps every row non-empty)
+        real_key = key_pos[..., None, :] < seqlen
+        padded_query = pos[..., :, None] >= seqlen
+        allowed = allowed & (real_key | padded_query)  # [C, s, n, n]
+
+    # scores [B, Hkv, G, C, s, n, keys], computed in the input dtype, softmax in float32
+    scores = torch.einsum("bhgcsid,bhcsjd->bhgcsij", qf, kf[:, :, 0]) * scale
+    acc = torch.promote_types(scores.dtype, torch.float32)
+    scores = scores.to(acc).masked_fill(~allowed, float("-inf"))
+    if sink_count:
+        sink_scores = torch.einsum("bhgcsid,bhjd->bhgcsij", qf, k[:, :, 0, :sink_count]) * scale
+        p = pos[..., None]  # [C, s, n, 1]
+        sink = positions[:sink_count]
+        sink_allowed = ~step.reads(p, sink, shape)
+        if step.causal:
+            sink_allowed &= sink <= p
+        sink_scores = sink_scores.to(acc).masked_fill(~sink_allowed, float("-inf"))
+        scores = torch.cat([scores, sink_scores], dim=-1)
+    weights = torch.softmax(scores, dim=-1).to(values.dtype)
+    n_keys = kf.shape[-2]
+    out = _mix(weights[..., :n_keys], vf)
+    if sink_count:
+        out = out + _mix_sinks(weights[..., n_keys:], values[..., :sink_count, :])
+    out = _unfibers(out)  # [B, Hkv, G, P, D]
+    if gate is not None:
+        out = gate * values + (1 - gate) * out
+        out = out.to(values.dtype)
+    return out
+
+
+def _shift_fibers(x: torch.Tensor) -> torch.Tensor:
+    """[..., C, s, n, D] -> the same with fiber c replaced by fiber c - 1 (zeros for c = 0)."""
+    return F.pad(x, (0, 0, 0, 0, 0, 0, 1, 0))[..., :-1, :, :, :]
+
+
+def _mix(weights: torch.Tensor, vf: torch.Tensor) -> torch.Tensor:
+    """weights [B, Hkv, G, C, s, n, keys] times values [B, Hkv, 1 or G, C, s, keys, D]."""
+    if vf.shape[2] == 1:
+        return torch.einsum("bhgcsij,bhcsjd->bhgcsid", weights, vf[:, :, 0])
+    return torch.einsum("bhgcsij,bhgcsjd->bhgcsid", weights, vf)
+
+
+def _mix_sinks(weights: torch.Tensor, sink_values: torch.Tensor) -> torch.Tensor:
+    """weights [B, Hkv, G, C, s, n, S] times sink values [B, Hkv, 1 or G, S, D]."""
+    if sink_values.shape[2] == 1:
+        return torch.einsum("bhgcsij,bhjd->bhgcsid", weights, sink_values[:, :, 0])
+    return torch.einsum("bhgcsij,bhgjd->bhgcsid", weights, sink_values)

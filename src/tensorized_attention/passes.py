@@ -1,0 +1,93 @@
+"""The passes of tensorized attention: what each one reads (DESIGN.md §2).
+
+A plan is a list of passes, run one after the other; each reads q and k (never
+changed) and the values left by the pass before it. A pass kind is a small dataclass;
+backends dispatch on it, so new kinds (selected, pooled, ...) join the list without a
+rewrite of the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .fold import coordinates, strides
+
+__all__ = ["FoldPass", "plan_passes", "pass_mask", "draw_passes"]
+
+MODES = ("block", "complete")
+
+
+@dataclass(frozen=True)
+class FoldPass:
+    """Attention along one dimension ``dim`` of the fold.
+
+    ``mode="block"``: a query reads the keys of its fiber (every coordinate but ``dim``
+    equal), the earlier ones only when causal. ``mode="complete"`` (causal only): a query
+    at ``p`` reads ``p - t * stride`` for ``0 <= t < size``: a causal sliding window of
+    ``size`` keys dilated by ``stride``.
+    """
+
+    dim: int
+    size: int  # n_dim
+    stride: int  # s_dim
+    mode: str
+    causal: bool
+
+    def reads(self, p: torch.Tensor, key: torch.Tensor, shape) -> torch.Tensor:
+        """Whether position(s) ``p`` may read ``key`` in this pass (broadcasting)."""
+        if self.mode == "complete":
+            d = p - key
+            return (d >= 0) & (d % self.stride == 0) & (d // self.stride < self.size)
+        cp, ck = coordinates(p, shape), coordinates(key, shape)
+        others = [j for j in range(len(shape)) if j != self.dim]
+        same = (cp[..., others] == ck[..., others]).all(-1)
+        if self.causal:
+            same &= ck[..., self.dim] <= cp[..., self.dim]
+        return same
+
+
+def plan_passes(shape, order, mode: str, causal: bool) -> list[FoldPass]:
+    """The passes of one call, in the order they run. Inputs are assumed validated."""
+    st = strides(shape)
+    return [FoldPass(dim=j, size=shape[j], stride=st[j], mode=mode, causal=causal) for j in order]
+
+
+def pass_mask(seqlen: int, shape, dim: int, *, mode: str, causal: bool, sinks: int = 0) -> torch.Tensor:
+    """Dense boolean ``(seqlen, seqlen)`` mask of one pass: ``[p, key]`` is True when
+    query ``p`` reads ``key`` (sinks included). O(seqlen^2): for pictures and tests."""
+    (plan,) = plan_passes(shape, [dim], mode, causal)
+    pos = torch.arange(seqlen)
+    p, key = pos[:, None], pos[None, :]
+    mask = plan.reads(p, key, shape)
+    sink = (key < sinks) & (key <= p if causal else True)
+    return mask | sink
+
+
+def draw_passes(shape, position: int, *, mode: str, causal: bool = True, sinks: int = 0, order=None) -> str:
+    """ASCII picture of which positions query ``position`` reads in each pass.
+
+    Only 2-dim folds are drawn as grids (rows: dim 0, columns: dim 1). ``q`` marks the
+    query, ``x`` a key it reads, ``s`` a sink it reads beyond its pass mask, ``.`` the rest.
+    """
+    if len(shape) != 2:
+        raise ValueError(f"draw_passes draws 2-dim folds, got shape={tuple(shape)}")
+    order = list(range(len(shape))) if order is None else list(order)
+    n1, n2 = shape
+    size = n1 * n2
+    panels = []
+    for dim in order:
+        mask = pass_mask(size, shape, dim, mode=mode, causal=causal, sinks=sinks)[position]
+        plain = pass_mask(size, shape, dim, mode=mode, causal=causal)[position]
+        rows = [f"pass along dim {dim}".ljust(2 * n2 + 1)]
+        for i in range(n1):
+            cells = []
+            for c in range(n2):
+                p = i * n2 + c
+                cells.append("q" if p == position else "x" if plain[p] else "s" if mask[p] else ".")
+            rows.append(" ".join(cells).ljust(2 * n2 + 1))
+        panels.append(rows)
+    width = max(len(r) for rows in panels for r in rows)
+    lines = ["    ".join(rows[i].ljust(width) for rows in panels).rstrip() for i in range(n1 + 1)]
+    return "\n".join(lines)

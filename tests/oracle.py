@@ -1,0 +1,88 @@
+"""The dense float64 oracle of DESIGN.md §2, written from the spec alone.
+
+O(N^2) masks built directly from coordinates, one softmax per pass over all N keys;
+it shares no code with the library.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _coords(positions: torch.Tensor, shape) -> torch.Tensor:
+    out, stride = [], math.prod(shape)
+    for n in shape:
+        stride //= n
+        out.append((positions // stride) % n)
+    return torch.stack(out, -1)  # [N, m]
+
+
+def dense_pass_mask(N: int, shape, dim: int, mode: str, causal: bool, sinks: int) -> torch.Tensor:
+    """[N, N] bool: query p (row) reads key p2 (column) in the pass along `dim`."""
+    pos = torch.arange(N)
+    p, p2 = pos[:, None], pos[None, :]
+    if mode == "block":
+        c = _coords(pos, shape)
+        mask = torch.ones(N, N, dtype=torch.bool)
+        for j in range(len(shape)):
+            if j != dim:
+                mask &= c[:, None, j] == c[None, :, j]
+        if causal:
+            mask &= c[None, :, dim] <= c[:, None, dim]
+    else:
+        s = math.prod(shape[dim + 1:])
+        d = p - p2
+        mask = (d >= 0) & (d % s == 0) & (d // s < shape[dim])
+    sink = (p2 < sinks) & ((p2 <= p) if causal else torch.ones(N, N, dtype=torch.bool))
+    return mask | sink
+
+
+def oracle(q, k, v, shape, *, causal=True, mode=None, order=None, gate=None, sinks=0, softmax_scale=None):
+    """q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D] in float64."""
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+    mode = mode or ("complete" if causal else "block")
+    order = list(range(len(shape))) if order is None else list(order)
+    scale = 1 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    q64 = q.double().transpose(1, 2)  # [B, H, N, D]
+    k64 = k.double().transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    vals = v.double().transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    scores = scale * q64 @ k64.transpose(-1, -2)  # [B, H, N, N]
+    if gate is not None:
+        gate = gate.double().expand(H, len(shape))
+    for t, dim in enumerate(order):
+        mask = dense_pass_mask(N, shape, dim, mode, causal, sinks)
+        attn = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+        new = attn @ vals
+        if gate is not None:
+            g = gate[:, t].view(1, H, 1, 1)
+            new = g * vals + (1 - g) * new
+        vals = new
+    return vals.transpose(1, 2)
+
+
+def oracle_in_dtype(q, k, v, shape, **kw):
+    """The same dense computation in q's own dtype (for low-precision error bounds)."""
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+    causal = kw.get("causal", True)
+    mode = kw.get("mode") or ("complete" if causal else "block")
+    order = kw.get("order") or list(range(len(shape)))
+    gate, sinks = kw.get("gate"), kw.get("sinks", 0)
+    scale = kw.get("softmax_scale") or 1 / math.sqrt(D)
+    qh, kh = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    vals = v.transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    scores = (qh @ kh.transpose(-1, -2)) * scale
+    if gate is not None:
+        gate = gate.to(q.dtype).expand(H, len(shape))
+    for t, dim in enumerate(order):
+        mask = dense_pass_mask(N, shape, dim, mode, causal, sinks)
+        attn = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
+        new = attn @ vals
+        if gate is not None:
+            g = gate[:, t].view(1, H, 1, 1)
+            new = g * vals + (1 - g) * new
+        vals = new
+    return vals.transpose(1, 2)
