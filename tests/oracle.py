@@ -53,7 +53,7 @@ def oracle(q, k, v, shape, *, causal=True, mode=None, order=None, gate=None, sin
     if gate is not None:
         gate = gate.double().expand(H, len(shape))
     for t, dim in enumerate(order):
-        mask = dense_pass_mask(N, shape, dim, mode, causal, sinks)
+        mask = dense_pass_mask(N, shape, dim, mode, causal, sinks).to(scores.device)
         attn = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
         new = attn @ vals
         if gate is not None:
@@ -78,7 +78,7 @@ def oracle_in_dtype(q, k, v, shape, **kw):
     if gate is not None:
         gate = gate.to(q.dtype).expand(H, len(shape))
     for t, dim in enumerate(order):
-        mask = dense_pass_mask(N, shape, dim, mode, causal, sinks)
+        mask = dense_pass_mask(N, shape, dim, mode, causal, sinks).to(scores.device)
         attn = torch.softmax(scores.float().masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
         new = attn @ vals
         if gate is not None:

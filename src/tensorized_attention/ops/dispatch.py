@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -16,8 +17,30 @@ __all__ = ["tensorized_attn", "available_backends"]
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+BACKENDS = ("reference", "triton")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEADDIM = 256
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Backends that can run on ``device`` (all devices when None), best first."""
+    """Backends that can run on ``device``, in the order ``backend="auto"`` prefers them.
+
+    ``"triton"`` runs on CUDA devices (and on the CPU under Triton's interpreter,
+    ``TRITON_INTERPRET=1``, slowly: there ``"auto"`` keeps the reference first).
+    """
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and _triton_importable():
+        return ["triton", "reference"]
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable():
+        return ["reference", "triton"]
     return ["reference"]
 
 
@@ -104,8 +127,9 @@ def tensorized_attn(
             (those ``<= p`` when causal) that its pass mask does not already hold, with the
             values of that pass's input. Sinks beyond ``seqlen`` do not exist.
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
-        backend: ``"auto"`` (the best available for q's device), or ``"reference"``
-            (PyTorch, any device).
+        backend: ``"auto"`` (the best available for q's device and dtype: ``"triton"`` on
+            CUDA, else ``"reference"``), ``"reference"`` (PyTorch, any device, autograd)
+            or ``"triton"`` (fused kernels; float16 / bfloat16 / float32, headdim <= 256).
 
     Returns:
         ``[batch, seqlen, heads, headdim]`` in q's dtype.
@@ -142,12 +166,13 @@ def tensorized_attn(
         softmax_scale = 1.0 / math.sqrt(D)
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    backend = _choose_backend(backend, q.device)
-    return tensorized_attn_reference(
-        q, k, v, shape,
-        causal=causal, mode=mode, order=order, gate=gate, sinks=sinks,
-        softmax_scale=float(softmax_scale),
-    )
+    backend = _choose_backend(backend, q)
+    options = dict(causal=causal, mode=mode, order=order, gate=gate, sinks=sinks, softmax_scale=float(softmax_scale))
+    if backend == "triton":
+        from .triton import tensorized_attn_triton
+
+        return tensorized_attn_triton(q, k, v, shape, **options)
+    return tensorized_attn_reference(q, k, v, shape, **options)
 
 
 def _check_tensors(q, k, v) -> None:
@@ -202,16 +227,26 @@ def _check_gate(gate, heads: int, m: int, device: torch.device) -> torch.Tensor 
     elif tuple(gate.shape) != (heads, m):
         raise ValueError(f"gate must have shape [heads, m] = [{heads}, {m}] or [m] = [{m}], got {tuple(gate.shape)}")
     if not torch.compiler.is_compiling() and not bool(((gate >= 0) & (gate <= 1)).all()):
-        raise ValueError("gate values must lie in [0, 1] (a share of the pass's input to keep)")
+        raise ValueError(
+            f"gate values must lie in [0, 1] (the share of a pass's input to keep), got values from "
+            f"{gate.min().item():g} to {gate.max().item():g}"
+        )
     return gate
 
 
-def _choose_backend(backend: str, device: torch.device) -> str:
-    names = available_backends(device)
+def _choose_backend(backend: str, q: torch.Tensor) -> str:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    names = available_backends(q.device)
     if backend == "auto":
+        if names[0] == "triton" and (q.dtype not in TRITON_DTYPES or q.shape[-1] > TRITON_MAX_HEADDIM):
+            return "reference"
         return names[0]
-    if backend not in ("reference",):
-        raise ValueError(f"backend must be 'auto' or one of ('reference',), got {backend!r}")
     if backend not in names:
-        raise ValueError(f"backend {backend!r} is not available on device {device}; available: {names}")
+        raise ValueError(f"backend {backend!r} is not available on device {q.device}; available: {names}")
+    if backend == "triton":
+        if q.dtype not in TRITON_DTYPES:
+            raise TypeError(f"backend 'triton' takes dtypes {TRITON_DTYPES}, got {q.dtype}; use backend='reference'")
+        if q.shape[-1] > TRITON_MAX_HEADDIM:
+            raise ValueError(f"backend 'triton' takes headdim <= {TRITON_MAX_HEADDIM}, got {q.shape[-1]}")
     return backend

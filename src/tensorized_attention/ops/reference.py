@@ -119,8 +119,8 @@ def _fold_pass(step, q, k, values, gate, shape, seqlen, sink_count, positions, s
         out = out + _mix_sinks(weights[..., n_keys:], values[..., :sink_count, :])
     out = _unfibers(out)  # [B, Hkv, G, P, D]
     if gate is not None:
-        out = gate * values + (1 - gate) * out
-        out = out.to(values.dtype)
+        g = gate.to(acc)
+        out = (g * values.to(acc) + (1 - g) * out.to(acc)).to(values.dtype)
     return out
 
 

@@ -1,0 +1,261 @@
+"""The command line: ``tensorized-attention <command> ...`` (or ``python -m tensorized_attention``).
+
+Commands:
+
+- ``bench``: time and measure the peak memory of the tensorized operator against full
+  attention (``torch.nn.functional.scaled_dot_product_attention``) over sequence lengths;
+  prints a table and writes ``bench.json`` and ``bench.png`` (see
+  :mod:`tensorized_attention.bench`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser", "parse_lengths"]
+
+PROG = "tensorized-attention"
+DEFAULT_LENGTHS = "256,512,1k,2k,4k,8k,16k,32k"
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+
+
+def parse_lengths(text: str) -> list[int]:
+    """``"1k,2k,4096"`` -> ``[1024, 2048, 4096]`` (``k`` = 1024, ``m`` = 1024**2).
+
+    >>> parse_lengths("1k, 2k,4096")
+    [1024, 2048, 4096]
+    """
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        factor = 1
+        if item[-1] in "km":
+            factor = 1024 if item[-1] == "k" else 1024**2
+            item = item[:-1]
+        try:
+            value = int(item) * factor
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a length: {item!r} (use e.g. 1024,2048 or 1k,2k)") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"lengths must be >= 1, got {value}")
+        out.append(value)
+    if not out:
+        raise argparse.ArgumentTypeError("no lengths given")
+    return out
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(n) for n in text.lower().replace(",", "x").split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a fold: {text!r} (use e.g. 128x64)") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"fold entries must be >= 1, got {text!r}")
+    return shape
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonnegative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"gate must lie in [0, 1], got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Tensorized attention: attention over long sequences folded into tensors.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    b = sub.add_parser(
+        "bench",
+        help="time tensorized attention against full attention (SDPA) over sequence lengths",
+        description=(
+            "Time (median of --repeats calls) and measure the peak memory of tensorized_attn "
+            "and of torch.nn.functional.scaled_dot_product_attention (causal, same q, k, v) "
+            "for each sequence length; print a table and write bench.json and bench.png "
+            "into --out."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    b.add_argument("--lengths", type=parse_lengths, default=DEFAULT_LENGTHS,
+                   help="comma-separated sequence lengths; k = 1024")
+    b.add_argument("--batch", type=_positive, default=1, help="batch size")
+    b.add_argument("--heads", type=_positive, default=8, help="query heads")
+    b.add_argument("--kv-heads", type=_positive, default=2,
+                   help="key/value heads (grouped-query attention); must divide --heads")
+    b.add_argument("--headdim", type=_positive, default=64, help="head dimension")
+    b.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
+    b.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available, else cpu")
+    b.add_argument("--ndim", type=_positive, default=2,
+                   help="dimensions of the fold chosen by choose_shape(N, ndim)")
+    b.add_argument("--local", type=_positive, default=None,
+                   help="size of the contiguous dimension (choose_shape's local=)")
+    b.add_argument("--shape", type=_parse_shape, default=None,
+                   help="one fold for every length, e.g. 128x128 (overrides --ndim/--local)")
+    b.add_argument("--backend", default=None,
+                   help="backend of tensorized_attn (auto, reference, ...); default: reference on CPU, auto on CUDA")
+    b.add_argument("--mode", choices=("complete", "block"), default="complete", help="pass mask")
+    b.add_argument("--sinks", type=_nonnegative, default=0, help="attention sinks per pass")
+    b.add_argument("--gate", type=_unit_float, default=None,
+                   help="a gate value in [0, 1] for every pass and head (default: no gate)")
+    b.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
+    b.add_argument("--warmup", type=_nonnegative, default=1, help="untimed calls before timing")
+    b.add_argument("--repeats", type=_positive, default=3, help="timed calls; the median is reported")
+    b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    b.add_argument("--no-sdpa", action="store_true", help="time the tensorized operator only")
+    b.add_argument("--sdpa-max-seconds", type=float, default=30.0,
+                   help="skip SDPA where its predicted time per call exceeds this")
+    b.add_argument("--sdpa-max-mib", type=float, default=None,
+                   help="skip SDPA where its predicted peak memory exceeds this (default: half the device's memory)")
+    b.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for torch (torch.set_num_threads); default: torch's own choice")
+    b.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    b.add_argument("--out", default=os.path.join("results", "bench"),
+                   help="directory for bench.json and bench.png")
+    b.add_argument("--no-plot", action="store_true", help="do not write bench.png")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=_bench)
+    return parser
+
+
+def _bench(args: argparse.Namespace, command: str) -> int:
+    import torch
+
+    from . import bench
+
+    lengths = args.lengths if isinstance(args.lengths, list) else parse_lengths(args.lengths)
+    device = bench.resolve_device(args.device)
+    dtype = bench.default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.heads % args.kv_heads:
+        print(f"{PROG} bench: error: --kv-heads ({args.kv_heads}) must divide --heads ({args.heads})",
+              file=sys.stderr)
+        return 2
+    if args.shape is not None:
+        if math.prod(args.shape) < max(lengths):
+            print(f"{PROG} bench: error: --shape {'x'.join(map(str, args.shape))} holds "
+                  f"{math.prod(args.shape)} positions, fewer than the longest length {max(lengths)}",
+                  file=sys.stderr)
+            return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    config = {
+        "lengths": lengths,
+        "batch": args.batch,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "headdim": args.headdim,
+        "dtype": str(dtype).replace("torch.", ""),
+        "device": device.type,
+        "ndim": args.ndim if args.shape is None else len(args.shape),
+        "local": args.local,
+        "shape": list(args.shape) if args.shape else None,
+        "mode": args.mode,
+        "backend": args.backend or ("reference" if device.type == "cpu" else "auto"),
+        "causal": True,
+        "sinks": args.sinks,
+        "gate": args.gate,
+        "backward": args.backward,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "threads": torch.get_num_threads(),
+        "sdpa_max_seconds": args.sdpa_max_seconds,
+        "sdpa_max_mib": args.sdpa_max_mib,
+    }
+    what = "forward + backward" if args.backward else "forward"
+    print(
+        f"bench: {what}, causal, mode={args.mode}, B={args.batch}, H={args.heads}, "
+        f"H_kv={args.kv_heads}, D={args.headdim}, {config['dtype']} on {device.type}"
+        + (f", sinks={args.sinks}" if args.sinks else "")
+        + (f", gate={args.gate}" if args.gate is not None else ""),
+        flush=True,
+    )
+    start = time.perf_counter()
+    rows, info = bench.sweep(
+        lengths,
+        batch=args.batch,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        headdim=args.headdim,
+        dtype=dtype,
+        device=device,
+        ndim=args.ndim,
+        shape=args.shape,
+        local=args.local,
+        mode=args.mode,
+        sinks=args.sinks,
+        gate=args.gate,
+        backward=args.backward,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        memory=not args.no_memory,
+        sdpa=not args.no_sdpa,
+        sdpa_max_seconds=args.sdpa_max_seconds,
+        sdpa_max_bytes=None if args.sdpa_max_mib is None else int(args.sdpa_max_mib * bench.MiB),
+        seed=args.seed,
+        progress=not args.no_progress,
+        backend=args.backend,
+    )
+    elapsed = time.perf_counter() - start
+    config["elapsed_s"] = round(elapsed, 1)
+    print(f"device: {info['description']}")
+    print()
+    print(bench.format_table(rows))
+    print()
+    os.makedirs(args.out, exist_ok=True)
+    json_path = bench.write_json(os.path.join(args.out, "bench.json"), rows, info, command=command, config=config)
+    print(f"wrote {json_path}")
+    if not args.no_plot:
+        try:
+            title = (f"causal {what}, mode={args.mode}, B={args.batch}, H={args.heads}, H_kv={args.kv_heads}, "
+                     f"D={args.headdim}, {config['dtype']}; {info['description']}")
+            png_path = bench.plot(rows, os.path.join(args.out, "bench.png"), title=title)
+            print(f"wrote {png_path}")
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install 'tensorized-attention[plot]')")
+    print(f"done in {elapsed:.1f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    if argv is None:
+        argv = sys.argv[1:]
+    argv = list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command = shlex.join([PROG, *argv])
+    return args.func(args, command)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Launchers of the Triton pass kernels, the custom ops around them, and their autograd.
+
+``tensorized_attention::triton_fwd`` runs the passes one after another; with
+``for_backward`` it keeps what the backward needs (the input values of every pass, the
+attention output of gated passes, the softmax statistics of every pass), otherwise it
+ping-pongs between at most two intermediate buffers. ``tensorized_attention::triton_bwd``
+runs the passes in reverse; dq and dk are accumulated across passes in q's dtype (one
+rounding per pass), every reduction runs in a fixed order: repeated backward calls give
+identical results.
+
+Both are ``torch.library.triton_op`` s (kernels launched through ``wrap_triton``), so
+``torch.compile(fullgraph=True)`` traces into them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+from torch.library import triton_op, wrap_triton
+
+from ...fold import fold_size, strides
+from .kernels import LOG2E, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_sink_kernel, _fwd_kernel
+
+SINK_CHUNK = 4096  # positions summed by one program of the sink-gradient kernel
+
+# Tile settings forced over the defaults (keys of block_config's result), for tuning runs:
+# {"fwd": {...}, "bwd": {...}}. Empty in normal use.
+CONFIG_OVERRIDES: dict[str, dict] = {"fwd": {}, "bwd": {}}
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def block_config(n: int, head_dim: int) -> dict:
+    """Tile sizes of one pass of fiber size ``n`` (a function of the shapes alone)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if _interpreting():
+        bm = bn = 16 if n <= 16 else 32
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    small = max(16, triton.next_power_of_2(n))
+    bm = min(128 if block_d <= 128 else 64, small)
+    bn = min(64, small)
+    warps = 8 if bm * block_d >= 128 * 128 else 4
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=2)
+    return _override(cfg, "fwd", small)
+
+
+def _override(cfg: dict, kind: str, small: int) -> dict:
+    cfg = {**cfg, **CONFIG_OVERRIDES[kind]}
+    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], small)
+    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], small)
+    return cfg
+
+
+def bwd_block_config(n: int, head_dim: int) -> dict:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if _interpreting():
+        bm = bn = 16 if n <= 16 else 32
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    small = max(16, triton.next_power_of_2(n))
+    bm = min(64, small)
+    bn = min(64 if block_d <= 128 else 32, small)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8, num_stages=1)
+    return _override(cfg, "bwd", small)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _sink_block(sinks: int, seqlen: int) -> tuple[int, int]:
+    count = min(sinks, seqlen)
+    return count, max(16, triton.next_power_of_2(max(count, 1)))
+
+
+@triton_op("tensorized_attention::triton_fwd", mutates_args=())
+def triton_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
+    shape: list[int], order: list[int], causal: bool, complete: bool, sinks: int,
+    scale: float, for_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, values, attn, lse): values [m-1, B, N, H, D] = the inputs of passes
+    2..m, attn [m, B, N, H, D] = the attention output of each pass (gate only), lse
+    [m, B*H, N] float32; the last three are empty unless ``for_backward``."""
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+    m = len(shape)
+    P = fold_size(shape)
+    st = strides(shape)
+    keep = for_backward
+    values = q.new_empty((m - 1, B, N, H, D) if keep else (min(m - 1, 2), B, N, H, D))
+    attn = q.new_empty((m, B, N, H, D) if keep and gate is not None else (0,))
+    lse = q.new_empty((m if keep else 1, B * H, N), dtype=torch.float32)
+    out = q.new_empty((B, N, H, D))
+    n_sinks, block_s = _sink_block(sinks, N)
+    gate_arg = gate if gate is not None else q.new_empty(1)
+    src = v
+    for t, dim in enumerate(order):
+        n, s = shape[dim], st[dim]
+        A = P // s
+        dst = out if t == m - 1 else values[t if keep else t % 2]
+        cfg = block_config(n, D)
+        grid = (triton.cdiv(A, cfg["BLOCK_M"]) * s * B * H,)
+        wrap_triton(_fwd_kernel)[grid](
+            q, k, src, dst, attn[t] if attn.numel() else dst, lse[t if keep else 0], gate_arg,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            src.stride(0), src.stride(1), src.stride(2),
+            dst.stride(0), dst.stride(1), dst.stride(2),
+            gate_arg.stride(0) if gate is not None else 0, t,
+            N, H, B * H, A, n, s, n_sinks, scale * LOG2E,
+            GROUP=H // Hkv, V_GROUP=H // src.shape[2], HEAD_DIM=D, BLOCK_S=block_s,
+            COMPLETE=complete, CAUSAL=causal, HAS_GATE=gate is not None, HAS_SINKS=n_sinks > 0,
+            STORE_ATTN=attn.numel() > 0, PRECISION=_precision(q.dtype), **cfg,
+        )
+        src = dst
+    if not keep:
+        values = q.new_empty((0,))
+    return out, values, attn, lse if keep else q.new_empty((0,), dtype=torch.float32)
+
+
+@triton_op("tensorized_attention::triton_bwd", mutates_args=())
+def triton_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
+    out: torch.Tensor, values: torch.Tensor, attn: torch.Tensor, lse: torch.Tensor,
+    shape: list[int], order: list[int], causal: bool, complete: bool, sinks: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, dgate); dgate is [H, m] float32 (empty without a gate)."""
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+    m = len(shape)
+    P = fold_size(shape)
+    st = strides(shape)
+    dout = dout.contiguous()
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dval = q.new_empty((min(m - 1, 2), B, N, H, D))
+    delta = torch.empty((B * H, N), dtype=torch.float32, device=q.device)
+    dg_rows = torch.empty((B * H, N), dtype=torch.float32, device=q.device) if gate is not None else delta
+    dgate = torch.zeros((H, m), dtype=torch.float32, device=q.device) if gate is not None else q.new_empty((0,))
+    gate_arg = gate if gate is not None else q.new_empty(1)
+    gate_stride = gate_arg.stride(0) if gate is not None else 0
+    n_sinks, block_s = _sink_block(sinks, N)
+    precision = _precision(q.dtype)
+    grad_out = dout
+    for t in range(m - 1, -1, -1):
+        dim = order[t]
+        n, s = shape[dim], st[dim]
+        A = P // s
+        src = v if t == 0 else values[t - 1]
+        this_out = out if t == m - 1 else values[t]
+        pass_attn = attn[t] if gate is not None else this_out
+        dsrc = dv if t == 0 else dval[(m - 1 - t) % 2]
+        consts = dict(GROUP=H // Hkv, V_GROUP=H // src.shape[2], HEAD_DIM=D,
+                      COMPLETE=complete, CAUSAL=causal, HAS_GATE=gate is not None, PRECISION=precision)
+        common_strides = (
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            src.stride(0), src.stride(1), src.stride(2),
+        )
+        cfg = bwd_block_config(n, D)
+        # dq kernel needs Attn and DQ to share DOut's strides: all are contiguous [B, N, H, D]
+        pass_attn = pass_attn.contiguous()
+        grid_q = (triton.cdiv(A, cfg["BLOCK_M"]) * s * B * H,)
+        wrap_triton(_bwd_dq_kernel)[grid_q](
+            q, k, src, grad_out, pass_attn, lse[t], delta, dg_rows, dq, gate_arg,
+            *common_strides,
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            gate_stride, t,
+            N, H, B * H, A, n, s, n_sinks, scale * LOG2E, scale,
+            BLOCK_S=block_s, HAS_SINKS=n_sinks > 0, ACCUMULATE=t != m - 1, **consts, **cfg,
+        )
+        grid_k = (triton.cdiv(A, cfg["BLOCK_N"]) * s * B * Hkv,)
+        wrap_triton(_bwd_dkdv_kernel)[grid_k](
+            q, k, src, grad_out, lse[t], delta, dk, dsrc, gate_arg,
+            *common_strides,
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dsrc.stride(0), dsrc.stride(1), dsrc.stride(2),
+            gate_stride, t,
+            N, H, B * Hkv, A, n, s, scale * LOG2E, scale,
+            ACCUMULATE=t != m - 1, **consts, **cfg,
+        )
+        if n_sinks:
+            chunks = triton.cdiv(N, SINK_CHUNK)
+            dks = torch.empty((chunks * B * H, block_s, cfg["BLOCK_D"]), dtype=torch.float32, device=q.device)
+            dvs = torch.empty_like(dks)
+            wrap_triton(_bwd_sink_kernel)[(chunks * B * H,)](
+                q, k, src, grad_out, lse[t], delta, dks, dvs, gate_arg,
+                *common_strides,
+                grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+                gate_stride, t,
+                N, H, B * H, n, s, n_sinks, scale * LOG2E, SINK_CHUNK,
+                BLOCK_M=cfg["BLOCK_M"], BLOCK_S=block_s, BLOCK_D=cfg["BLOCK_D"],
+                num_warps=cfg["num_warps"], **consts,
+            )
+            dks = dks.view(chunks, B, H, block_s, -1).sum(0)[:, :, :n_sinks, :D]  # [B, H, S, D]
+            dvs = dvs.view(chunks, B, H, block_s, -1).sum(0)[:, :, :n_sinks, :D]
+            dks = dks.view(B, Hkv, H // Hkv, n_sinks, D).sum(2).transpose(1, 2) * scale
+            dvs = dvs.view(B, src.shape[2], -1, n_sinks, D).sum(2).transpose(1, 2)
+            dk[:, :n_sinks] += dks.to(dk.dtype)
+            dsrc[:, :n_sinks] += dvs.to(dsrc.dtype)
+        if gate is not None:
+            dgate[:, t] = dg_rows.view(B, H, N).sum((0, 2))
+        grad_out = dsrc
+    return dq, dk, dv, dgate
+
+
+@triton_fwd.register_fake
+def _(q, k, v, gate, shape, order, causal, complete, sinks, scale, for_backward):
+    B, N, H, D = q.shape
+    m = len(shape)
+    keep = for_backward
+    return (
+        q.new_empty((B, N, H, D)),
+        q.new_empty((m - 1, B, N, H, D) if keep else (0,)),
+        q.new_empty((m, B, N, H, D) if keep and gate is not None else (0,)),
+        q.new_empty((m, B * H, N) if keep else (0,), dtype=torch.float32),
+    )
+
+
+@triton_bwd.register_fake
+def _(dout, q, k, v, gate, out, values, attn, lse, shape, order, causal, complete, sinks, scale):
+    H, m = q.shape[2], len(shape)
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        q.new_empty((H, m) if gate is not None else (0,), dtype=torch.float32),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, gate, shape, order, causal, complete, sinks, scale, for_backward = inputs
+    out, values, attn, lse = output
+    ctx.save_for_backward(q, k, v, gate, out, values, attn, lse)
+    ctx.options = (shape, order, causal, complete, sinks, scale)
+    ctx.set_materialize_grads(True)
+
+
+def _backward(ctx, dout, _dvalues, _dattn, _dlse):
+    q, k, v, gate, out, values, attn, lse = ctx.saved_tensors
+    if lse.numel() == 0:
+        raise RuntimeError("tensorized_attention::triton_fwd was called with for_backward=False; cannot differentiate")
+    dq, dk, dv, dgate = triton_bwd(dout, q, k, v, gate, out, values, attn, lse, *ctx.options)
+    return dq, dk, dv, (dgate if gate is not None else None), None, None, None, None, None, None, None
+
+
+triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def tensorized_attn_triton(q, k, v, shape, *, causal, mode, order, gate, sinks, softmax_scale):
+    """The Triton backend behind :func:`tensorized_attention.tensorized_attn`
+    (inputs validated there)."""
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    if gate is not None:
+        gate = gate.to(torch.float32).contiguous()
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, gate)
+    )
+    out, *_ = triton_fwd(
+        q, k, v, gate, list(shape), list(order), causal, mode == "complete", sinks,
+        float(softmax_scale), needs_grad,
+    )
+    return out
+
+
+__all__ = ["tensorized_attn_triton", "triton_fwd", "triton_bwd", "block_config", "bwd_block_config"]
