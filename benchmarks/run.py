@@ -20,35 +20,75 @@ from tensorized_attention import suite
 from tensorized_attention.ops.triton import launch
 
 
+FWD_VARIANTS = [
+    dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+]
+BWD_VARIANTS = [
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+]
+
+
 def tune(lengths, out_dir):
-    """Time the Triton forward and forward+backward under several tile settings."""
-    fwd_variants = [
-        {}, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
-    ]
-    bwd_variants = [{}, dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=1),
-                    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-                    dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=1)]
+    """Time each forward pass of the Triton backend under several tile settings, then
+    forward+backward with the dq and dk/dv kernels' settings varied one at a time."""
+    from triton.testing import do_bench
+
+    from tensorized_attention.fold import fold_size, strides
+
     ceilings = suite.measure_ceilings()
     rows = []
     for N in lengths:
         for ndim in (2, 3):
             shape = suite.choose_shape(N, ndim)
-            for variant in fwd_variants:
-                launch.CONFIG_OVERRIDES["fwd"] = variant
-                row = suite.run_case(suite.Case("triton", N, shape=shape), ceilings)
-                row["variant"] = {"fwd": variant}
-                rows.append(row)
-                print(f"fwd {shape} {variant}: {row.get('ms', row.get('error'))} ms, x_floor {row.get('x_floor')}", flush=True)
-            launch.CONFIG_OVERRIDES["fwd"] = {}
-            for variant in bwd_variants:
-                launch.CONFIG_OVERRIDES["bwd"] = variant
-                row = suite.run_case(suite.Case("triton", N, shape=shape, backward=True), ceilings)
-                row["variant"] = {"bwd": variant}
-                rows.append(row)
-                print(f"fwd+bwd {shape} {variant}: {row.get('ms', row.get('error'))} ms", flush=True)
-            launch.CONFIG_OVERRIDES["bwd"] = {}
+            st = strides(shape)
+            q, k, v = (torch.randn(1, N, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            src_h = torch.randn_like(q)
+            dst = torch.empty_like(q)
+            lse = torch.empty(32, N, device="cuda", dtype=torch.float32)
+            pass_floor = 4 * q.numel() * 2 / ceilings["copy_bytes_per_s"] * 1e3
+            for t in range(ndim):
+                src = v if t == 0 else src_h
+                for variant in FWD_VARIANTS:
+                    cfg = {**launch.block_config(shape[t], 128), **variant}
+                    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, 1 << (shape[t] - 1).bit_length()))
+                    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, 1 << (shape[t] - 1).bit_length()))
+
+                    def fn():
+                        launch.fwd_pass(q, k, src, dst, None, lse, None, t, shape[t], st[t], fold_size(shape) // st[t],
+                                        causal=True, complete=True, sinks=0, scale=128**-0.5, cfg=cfg)
+
+                    try:
+                        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    except Exception as err:  # noqa: BLE001 - a setting that does not compile is reported
+                        ms = float("nan")
+                        print("   failed:", type(err).__name__, str(err)[:200])
+                    rows.append(dict(kind="fwd_pass", shape=shape, t=t, cfg=cfg, ms=ms, x_pass_floor=ms / pass_floor))
+                    print(f"fwd pass {t} of {shape} {variant}: {ms:.3f} ms = {ms / pass_floor:.2f} x pass floor", flush=True)
+            del q, k, v, src_h, dst
+            for kernel in ("dq", "dkdv"):
+                for variant in BWD_VARIANTS:
+                    launch.CONFIG_OVERRIDES[kernel] = variant
+                    row = suite.run_case(suite.Case("triton", N, shape=shape, backward=True), ceilings)
+                    row["variant"] = {kernel: variant}
+                    rows.append(row)
+                    print(f"fwd+bwd {shape} {kernel} {variant}: {row.get('ms', row.get('error'))} ms", flush=True)
+                launch.CONFIG_OVERRIDES[kernel] = {}
+    for method in ("sdpa-flash", "sdpa-cudnn"):
+        for backward in (False, True):
+            row = suite.run_case(suite.Case(method, lengths[-1], backward=backward), ceilings)
+            rows.append(row)
+            print(f"{row['name']}: {row.get('ms', row.get('error'))} ms", flush=True)
     with open(os.path.join(out_dir, "tune.json"), "w") as f:
         json.dump({"ceilings": ceilings, "rows": rows}, f, indent=1)
 

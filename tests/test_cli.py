@@ -6,6 +6,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from tensorized_attention import bench
 from tensorized_attention.cli import main, parse_lengths
 
 TINY = ["--lengths", "64,256", "--heads", "4", "--kv-heads", "2", "--headdim", "16",
-        "--repeats", "2", "--warmup", "1", "--device", "cpu", "--no-progress"]
+        "--repeats", "2", "--min-time", "0", "--warmup", "1", "--device", "cpu", "--no-progress"]
 
 
 def test_bench_writes_json_png_and_table(tmp_path, capsys):
@@ -60,7 +61,7 @@ def test_bench_options_backward_gate_sinks_no_plot(tmp_path):
 
 def test_sdpa_skipped_past_its_budget_says_why():
     rows, info = bench.sweep([64, 4096], heads=2, kv_heads=1, headdim=8, device="cpu", repeats=1,
-                             warmup=0, memory=False, sdpa_max_seconds=1e-9, progress=False)
+                             min_time_s=0, warmup=0, memory=False, sdpa_max_seconds=1e-9, progress=False)
     assert rows[0]["sdpa_ms"] is not None
     assert rows[1]["sdpa_ms"] is None and rows[1]["speedup"] is None
     assert rows[1]["sdpa_note"].startswith("skipped: predicted")
@@ -97,6 +98,11 @@ def test_time_fn_reports_the_median():
     assert t["repeats"] == 5 and len(t["times_ms"]) == 5
     assert t["min_ms"] <= t["median_ms"] <= t["max_ms"]
     assert t["median_ms"] == sorted(t["times_ms"])[2]
+    # quick calls are repeated until they add up to min_time_s (capped by max_repeats)
+    t = bench.time_fn(lambda: None, warmup=0, repeats=2, min_time_s=10.0, max_repeats=50, device="cpu")
+    assert t["repeats"] == 50 == len(t["times_ms"])
+    t = bench.time_fn(lambda: time.sleep(0.01), warmup=0, repeats=2, min_time_s=0.05, device="cpu")
+    assert 5 <= t["repeats"] <= 6
 
 
 def test_parse_lengths():

@@ -114,14 +114,21 @@ def time_fn(
     *,
     warmup: int = 1,
     repeats: int = 3,
+    min_time_s: float = 0.0,
+    max_repeats: int = 1000,
     device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """Wall time of ``fn()`` in milliseconds: ``warmup`` untimed calls, then ``repeats`` timed ones.
+    """Wall time of ``fn()`` in milliseconds: ``warmup`` untimed calls, then timed ones.
+
+    At least ``repeats`` timed calls, and more while the timed calls add up to less than
+    ``min_time_s`` seconds (at most ``max_repeats``), so quick functions get a median
+    over many calls and slow ones are not run more than ``repeats`` times.
 
     On CUDA each call is timed with a pair of ``torch.cuda.Event`` (``enable_timing``),
     after a ``torch.cuda.synchronize``; on CPU with :func:`time.perf_counter`. ``device``
     defaults to CUDA when it is available. Returns ``median_ms`` (the number reported),
-    ``min_ms``, ``max_ms``, ``repeats`` and every time in ``times_ms``.
+    ``min_ms``, ``max_ms``, ``repeats`` (the number of timed calls) and every time in
+    ``times_ms``.
 
     >>> t = time_fn(lambda: sum(range(1000)), warmup=0, repeats=3, device="cpu")
     >>> sorted(t) == ["max_ms", "median_ms", "min_ms", "repeats", "times_ms"]
@@ -134,10 +141,16 @@ def time_fn(
     device = resolve_device(device)
     for _ in range(warmup):
         fn()
-    times = []
+    times: list[float] = []
+
+    def more() -> bool:
+        if len(times) < repeats:
+            return True
+        return len(times) < max_repeats and sum(times) < min_time_s * 1000.0
+
     if device.type == "cuda":
         _synchronize(device)
-        for _ in range(repeats):
+        while more():
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
@@ -146,7 +159,7 @@ def time_fn(
             end.synchronize()
             times.append(float(start.elapsed_time(end)))
     else:
-        for _ in range(repeats):
+        while more():
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1000.0)
@@ -154,7 +167,7 @@ def time_fn(
         "median_ms": statistics.median(times),
         "min_ms": min(times),
         "max_ms": max(times),
-        "repeats": repeats,
+        "repeats": len(times),
         "times_ms": times,
     }
 
@@ -333,6 +346,7 @@ def sweep(
     backward: bool = False,
     warmup: int = 1,
     repeats: int = 3,
+    min_time_s: float = 1.0,
     memory: bool = True,
     sdpa: bool = True,
     sdpa_max_seconds: float = 30.0,
@@ -354,7 +368,8 @@ def sweep(
       transposes, with ``enable_gqa=True`` when ``kv_heads < heads`` (k and v repeated
       per query head where this torch lacks it).
 
-    Each is timed with :func:`time_fn` (forward, or forward and backward with
+    Each is timed with :func:`time_fn` (at least ``repeats`` calls, more while they take
+    less than ``min_time_s`` in all; forward, or forward and backward with
     ``backward=True``: gradients of q, k, v for a random output gradient) and, with
     ``memory=True``, measured once with :func:`peak_memory` (inputs excluded); that
     measured call comes first and counts as the first of the ``warmup`` calls.
@@ -463,7 +478,8 @@ def sweep(
                 try:
                     # the peak-memory call, when there is one, is the first warmup call
                     peak = peak_memory(fn, device=device) if memory else None
-                    t = time_fn(fn, warmup=max(warmup - 1, 0) if memory else warmup, repeats=repeats, device=device)
+                    t = time_fn(fn, warmup=max(warmup - 1, 0) if memory else warmup, repeats=repeats,
+                                min_time_s=min_time_s, device=device)
                 except Exception as err:  # noqa: BLE001 - out of memory becomes a note
                     if not _is_oom(err):
                         raise
@@ -476,6 +492,7 @@ def sweep(
                 row[f"{method}_ms"] = t["median_ms"]
                 row[f"{method}_min_ms"] = t["min_ms"]
                 row[f"{method}_max_ms"] = t["max_ms"]
+                row[f"{method}_repeats"] = t["repeats"]
                 row[f"{method}_peak_bytes"] = peak
                 if method == "sdpa":
                     row["sdpa_note"] = None
@@ -540,7 +557,7 @@ def _with_backward(forward, inputs, grad_out):
 
 
 def _record_skip(row: dict[str, Any], method: str, reason: str) -> None:
-    for key in ("ms", "min_ms", "max_ms", "peak_bytes"):
+    for key in ("ms", "min_ms", "max_ms", "repeats", "peak_bytes"):
         row[f"{method}_{key}"] = None
     row[f"{method}_note"] = reason
 

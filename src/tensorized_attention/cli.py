@@ -129,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a gate value in [0, 1] for every pass and head (default: no gate)")
     b.add_argument("--backward", action="store_true", help="time forward + backward instead of forward")
     b.add_argument("--warmup", type=_nonnegative, default=1, help="untimed calls before timing")
-    b.add_argument("--repeats", type=_positive, default=3, help="timed calls; the median is reported")
+    b.add_argument("--repeats", type=_positive, default=3,
+                   help="timed calls at least; the median is reported")
+    b.add_argument("--min-time", type=float, default=1.0,
+                   help="more timed calls while they add up to less than this many seconds")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     b.add_argument("--no-sdpa", action="store_true", help="time the tensorized operator only")
     b.add_argument("--sdpa-max-seconds", type=float, default=30.0,
@@ -186,6 +189,7 @@ def _bench(args: argparse.Namespace, command: str) -> int:
         "backward": args.backward,
         "warmup": args.warmup,
         "repeats": args.repeats,
+        "min_time_s": args.min_time,
         "seed": args.seed,
         "threads": torch.get_num_threads(),
         "sdpa_max_seconds": args.sdpa_max_seconds,
@@ -217,6 +221,7 @@ def _bench(args: argparse.Namespace, command: str) -> int:
         backward=args.backward,
         warmup=args.warmup,
         repeats=args.repeats,
+        min_time_s=args.min_time,
         memory=not args.no_memory,
         sdpa=not args.no_sdpa,
         sdpa_max_seconds=args.sdpa_max_seconds,

@@ -92,53 +92,23 @@ def _query_range(k0, n, A, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COMPLET
 
 
 @triton.jit
-def _full_tiles(a0, lo, hi, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                COMPLETE: tl.constexpr, CAUSAL: tl.constexpr):
-    """[full_lo, full_hi): the key tiles (starts aligned with lo) that rows a0 .. a0 + BLOCK_M - 1
-    all read in full (causal modes; bidirectional tiles are all masked). Every key of such
-    a tile is <= a0, so it is a real position whenever row a0 is."""
-    if CAUSAL:
-        last = lo + ((a0 + 1 - lo) // BLOCK_N) * BLOCK_N  # tiles ending <= a0 (lo <= a0; Triton's // truncates)
-        if COMPLETE:
-            first = lo + tl.cdiv(tl.maximum(a0 + BLOCK_M - n - lo, 0), BLOCK_N) * BLOCK_N
-        else:
-            first = tl.where((a0 // n) == ((a0 + BLOCK_M - 1) // n), lo, hi)
-    else:
-        first = hi
-        last = hi
-    full_lo = tl.minimum(first, hi)
-    full_hi = tl.maximum(tl.minimum(last, hi), full_lo)
-    return full_lo, full_hi
-
-
-@triton.jit
 def _fwd_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, offs_a, offs_d, d_ok, r,
               N, n, s, stride_kn, stride_vn, scale_log2,
-              BLOCK_N: tl.constexpr, COMPLETE: tl.constexpr, CAUSAL: tl.constexpr,
-              MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """One key tile of the online softmax (keys start .. start + BLOCK_N - 1, residue r)."""
+              BLOCK_N: tl.constexpr, COMPLETE: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of the online softmax (key slots start .. start + BLOCK_N - 1, residue r)."""
     offs_k = start + tl.arange(0, BLOCK_N)
     pos_k = offs_k * s + r
-    if MASKED:
-        k_ok = (offs_k < hi) & (pos_k < N) & (offs_k >= 0)
-        kt = tl.load(k_base + pos_k.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
-                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        vt = tl.load(v_base + pos_k.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
-                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-    else:
-        kt = tl.load(k_base + pos_k.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
-                     mask=d_ok[None, :], other=0.0)
-        vt = tl.load(v_base + pos_k.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
-                     mask=d_ok[None, :], other=0.0)
+    k_ok = (offs_k < hi) & (pos_k < N) & (offs_k >= 0)
+    kt = tl.load(k_base + pos_k.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
+                 mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+    vt = tl.load(v_base + pos_k.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
+                 mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     scores = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale_log2
-    if MASKED:
-        allowed = _pass_mask(offs_a, offs_k, n, COMPLETE, CAUSAL) & k_ok[None, :]
-        scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = m_new
+    allowed = _pass_mask(offs_a, offs_k, n, COMPLETE, CAUSAL) & k_ok[None, :]
+    scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    # a row with nothing allowed yet keeps m = -inf: exponentiate against 0 instead
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(scores - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -170,7 +140,8 @@ def _fwd_kernel(
     tile = pid // BH
     b = bh // H
     h = bh % H
-    a0 = (tile // s) * BLOCK_M
+    # the last slots read the most keys (causal): launch them first
+    a0 = (tl.cdiv(A, BLOCK_M) - 1 - tile // s) * BLOCK_M
     r = tile % s
     if a0 * s + r >= N:
         return
@@ -211,20 +182,9 @@ def _fwd_kernel(
         m_i = m_new
 
     lo, hi = _key_range(a0, n, A, BLOCK_M, BLOCK_N, COMPLETE, CAUSAL)
-    # key tiles every row of this tile reads in full need no mask: split the loop
-    full_lo, full_hi = _full_tiles(a0, lo, hi, n, BLOCK_M, BLOCK_N, COMPLETE, CAUSAL)
-    for start in range(lo, full_lo, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, offs_a, offs_d, d_ok, r,
-                                  N, n, s, stride_kn, stride_vn, scale_log2,
-                                  BLOCK_N, COMPLETE, CAUSAL, True, PRECISION)
-    for start in range(full_lo, full_hi, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, offs_a, offs_d, d_ok, r,
-                                  N, n, s, stride_kn, stride_vn, scale_log2,
-                                  BLOCK_N, COMPLETE, CAUSAL, False, PRECISION)
-    for start in range(full_hi, hi, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, offs_a, offs_d, d_ok, r,
-                                  N, n, s, stride_kn, stride_vn, scale_log2,
-                                  BLOCK_N, COMPLETE, CAUSAL, True, PRECISION)
+                                  N, n, s, stride_kn, stride_vn, scale_log2, BLOCK_N, COMPLETE, CAUSAL, PRECISION)
 
     # rows past seqlen read nothing (l = 0): give them 1 so nothing divides by zero
     l_i = tl.where(q_ok, l_i, 1.0)
@@ -247,55 +207,28 @@ def _fwd_kernel(
 @triton.jit
 def _dq_tile(dq, q, do, lse, delta, k_base, v_base, start, hi, offs_a, offs_d, d_ok, q_ok, r,
              N, n, s, stride_kn, stride_vn, scale_log2,
-             BLOCK_N: tl.constexpr, COMPLETE: tl.constexpr, CAUSAL: tl.constexpr,
-             MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """dq += dS k over one key tile (rows past seqlen give garbage: they are never stored)."""
+             BLOCK_N: tl.constexpr, COMPLETE: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    """dq += dS k over one key tile."""
     offs_k = start + tl.arange(0, BLOCK_N)
     pos_k = offs_k * s + r
-    if MASKED:
-        k_ok = (offs_k < hi) & (pos_k < N) & (offs_k >= 0)
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-    else:
-        kv_mask = d_ok[None, :]
+    k_ok = (offs_k < hi) & (pos_k < N) & (offs_k >= 0)
+    kv_mask = k_ok[:, None] & d_ok[None, :]
     kt = tl.load(k_base + pos_k.to(tl.int64)[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
     vt = tl.load(v_base + pos_k.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
     scores = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale_log2
-    p = tl.math.exp2(scores - lse[:, None])
-    if MASKED:
-        allowed = _pass_mask(offs_a, offs_k, n, COMPLETE, CAUSAL) & k_ok[None, :] & q_ok[:, None]
-        p = tl.where(allowed, p, 0.0)
+    allowed = _pass_mask(offs_a, offs_k, n, COMPLETE, CAUSAL) & k_ok[None, :] & q_ok[:, None]
+    p = tl.where(allowed, tl.math.exp2(scores - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
 
 
 @triton.jit
-def _full_query_tiles(k0, lo, hi, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      COMPLETE: tl.constexpr, CAUSAL: tl.constexpr):
-    """[full_lo, full_hi): the query tiles (starts aligned with lo) whose rows all read every
-    key k0 .. k0 + BLOCK_N - 1 (causal modes only)."""
-    first = lo + tl.cdiv(tl.maximum(k0 + BLOCK_N - 1 - lo, 0), BLOCK_M) * BLOCK_M
-    if CAUSAL:
-        if COMPLETE:
-            top = k0 + n - BLOCK_M  # a tile start must be <= top (its last row within the window)
-        else:
-            chunk_end = (k0 // n + 1) * n
-            top = tl.where((k0 // n) == ((k0 + BLOCK_N - 1) // n), chunk_end - BLOCK_M, lo - 1)
-        last = tl.where(top >= lo, lo + ((top - lo) // BLOCK_M + 1) * BLOCK_M, lo)
-    else:
-        first = hi
-        last = hi
-    full_lo = tl.minimum(first, hi)
-    full_hi = tl.maximum(tl.minimum(last, hi), full_lo)
-    return full_lo, full_hi
-
-
-@triton.jit
 def _dkdv_tile(dk, dv, kt, vt, q_base, o_base, Lse, Delta, bh, gh, start, hi, offs_k, k_ok, offs_d, d_ok, r,
                N, n, s, stride_qn, stride_on, scale_log2,
                BLOCK_M: tl.constexpr, COMPLETE: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr,
-               MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """dk += dS^T q and dv += P^T dO over one query tile (rows past seqlen masked always)."""
+               PRECISION: tl.constexpr):
+    """dk += dS^T q and dv += P^T dO over one query tile."""
     offs_a = start + tl.arange(0, BLOCK_M)
     pos_q = offs_a * s + r
     q_ok = (offs_a < hi) & (pos_q < N)
@@ -309,10 +242,8 @@ def _dkdv_tile(dk, dv, kt, vt, q_base, o_base, Lse, Delta, bh, gh, start, hi, of
     delta = tl.load(Delta + bh.to(tl.int64) * N + pos_q, mask=q_ok, other=0.0)
     # transposed scores: [BLOCK_N keys, BLOCK_M queries]; lse = inf zeroes padded rows
     st = tl.dot(kt, tl.trans(q), input_precision=PRECISION) * scale_log2
-    pt = tl.math.exp2(st - lse[None, :])
-    if MASKED:
-        allowed = tl.trans(_pass_mask(offs_a, offs_k, n, COMPLETE, CAUSAL)) & k_ok[:, None]
-        pt = tl.where(allowed, pt, 0.0)
+    allowed = tl.trans(_pass_mask(offs_a, offs_k, n, COMPLETE, CAUSAL)) & k_ok[:, None]
+    pt = tl.where(allowed, tl.math.exp2(st - lse[None, :]), 0.0)
     dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
     dpt = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
     dst = pt * (dpt - delta[None, :])
@@ -345,7 +276,8 @@ def _bwd_dq_kernel(
     tile = pid // BH
     b = bh // H
     h = bh % H
-    a0 = (tile // s) * BLOCK_M
+    # the last slots read the most keys (causal): launch them first
+    a0 = (tl.cdiv(A, BLOCK_M) - 1 - tile // s) * BLOCK_M
     r = tile % s
     if a0 * s + r >= N:
         return
@@ -394,16 +326,9 @@ def _bwd_dq_kernel(
         dq += tl.dot(ds.to(ks.dtype), ks, input_precision=PRECISION)
 
     lo, hi = _key_range(a0, n, A, BLOCK_M, BLOCK_N, COMPLETE, CAUSAL)
-    full_lo, full_hi = _full_tiles(a0, lo, hi, n, BLOCK_M, BLOCK_N, COMPLETE, CAUSAL)
-    for start in range(lo, full_lo, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start, hi, offs_a, offs_d, d_ok, q_ok, r,
-                      N, n, s, stride_kn, stride_vn, scale_log2, BLOCK_N, COMPLETE, CAUSAL, True, PRECISION)
-    for start in range(full_lo, full_hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start, hi, offs_a, offs_d, d_ok, q_ok, r,
-                      N, n, s, stride_kn, stride_vn, scale_log2, BLOCK_N, COMPLETE, CAUSAL, False, PRECISION)
-    for start in range(full_hi, hi, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse, delta, k_base, v_base, start, hi, offs_a, offs_d, d_ok, q_ok, r,
-                      N, n, s, stride_kn, stride_vn, scale_log2, BLOCK_N, COMPLETE, CAUSAL, True, PRECISION)
+                      N, n, s, stride_kn, stride_vn, scale_log2, BLOCK_N, COMPLETE, CAUSAL, PRECISION)
 
     dq = dq * scale
     dq_ptrs = DQ + o_off + row_q * stride_on + offs_d[None, :]
@@ -457,7 +382,6 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo, hi = _query_range(k0, n, A, BLOCK_M, BLOCK_N, COMPLETE, CAUSAL)
-    full_lo, full_hi = _full_query_tiles(k0, lo, hi, n, BLOCK_M, BLOCK_N, COMPLETE, CAUSAL)
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -470,18 +394,10 @@ def _bwd_dkdv_kernel(
             gh = tl.load(Gate + h * stride_gh + gate_col).to(tl.float32)
         else:
             gh = 0.0
-        for start in range(lo, full_lo, BLOCK_M):
+        for start in range(lo, hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, kt, vt, q_base, o_base, Lse, Delta, bh, gh, start, hi, offs_k, k_ok,
                                 offs_d, d_ok, r, N, n, s, stride_qn, stride_on, scale_log2,
-                                BLOCK_M, COMPLETE, CAUSAL, HAS_GATE, True, PRECISION)
-        for start in range(full_lo, full_hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, kt, vt, q_base, o_base, Lse, Delta, bh, gh, start, hi, offs_k, k_ok,
-                                offs_d, d_ok, r, N, n, s, stride_qn, stride_on, scale_log2,
-                                BLOCK_M, COMPLETE, CAUSAL, HAS_GATE, False, PRECISION)
-        for start in range(full_hi, hi, BLOCK_M):
-            dk, dv = _dkdv_tile(dk, dv, kt, vt, q_base, o_base, Lse, Delta, bh, gh, start, hi, offs_k, k_ok,
-                                offs_d, d_ok, r, N, n, s, stride_qn, stride_on, scale_log2,
-                                BLOCK_M, COMPLETE, CAUSAL, HAS_GATE, True, PRECISION)
+                                BLOCK_M, COMPLETE, CAUSAL, HAS_GATE, PRECISION)
         if HAS_GATE:
             dv += gh * tl.load(o_base + row_k * stride_on + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
         if V_GROUP == 1:

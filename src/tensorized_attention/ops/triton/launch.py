@@ -27,7 +27,7 @@ SINK_CHUNK = 4096  # positions summed by one program of the sink-gradient kernel
 
 # Tile settings forced over the defaults (keys of block_config's result), for tuning runs:
 # {"fwd": {...}, "bwd": {...}}. Empty in normal use.
-CONFIG_OVERRIDES: dict[str, dict] = {"fwd": {}, "bwd": {}}
+CONFIG_OVERRIDES: dict[str, dict] = {"fwd": {}, "dq": {}, "dkdv": {}}
 
 
 def _interpreting() -> bool:
@@ -35,16 +35,17 @@ def _interpreting() -> bool:
 
 
 def block_config(n: int, head_dim: int) -> dict:
-    """Tile sizes of one pass of fiber size ``n`` (a function of the shapes alone)."""
+    """Tile sizes of the forward of a pass of fiber size ``n`` (from shapes alone; chosen
+    by the timings in docs/benchmarks.md on an H100)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
+    small = max(16, triton.next_power_of_2(n))
     if _interpreting():
         bm = bn = 16 if n <= 16 else 32
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    small = max(16, triton.next_power_of_2(n))
-    bm = min(128 if block_d <= 128 else 64, small)
-    bn = min(64, small)
-    warps = 8 if bm * block_d >= 128 * 128 else 4
-    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=2)
+    if block_d <= 128:
+        cfg = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=3)
+    else:
+        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
     return _override(cfg, "fwd", small)
 
 
@@ -55,16 +56,18 @@ def _override(cfg: dict, kind: str, small: int) -> dict:
     return cfg
 
 
-def bwd_block_config(n: int, head_dim: int) -> dict:
+def bwd_block_config(n: int, head_dim: int, kernel: str = "dq") -> dict:
+    """Tile sizes of the backward kernels ``"dq"`` and ``"dkdv"`` of a pass of fiber size ``n``."""
     block_d = max(16, triton.next_power_of_2(head_dim))
+    small = max(16, triton.next_power_of_2(n))
     if _interpreting():
         bm = bn = 16 if n <= 16 else 32
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    small = max(16, triton.next_power_of_2(n))
-    bm = min(64, small)
-    bn = min(64 if block_d <= 128 else 32, small)
-    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8, num_stages=1)
-    return _override(cfg, "bwd", small)
+    if block_d <= 128:
+        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
+    else:
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
+    return _override(cfg, kernel, small)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -74,6 +77,29 @@ def _precision(dtype: torch.dtype) -> str:
 def _sink_block(sinks: int, seqlen: int) -> tuple[int, int]:
     count = min(sinks, seqlen)
     return count, max(16, triton.next_power_of_2(max(count, 1)))
+
+
+def fwd_pass(q, k, src, dst, attn, lse, gate, t, n, s, A, *, causal, complete, sinks, scale, cfg=None):
+    """Launch the forward of one pass (pass number ``t`` along a dimension of size ``n``
+    and stride ``s``; ``A = prod(shape) / s``): reads q, k and the values ``src``, writes
+    ``dst`` (and the attention output ``attn`` when given, gated passes), and ``lse``."""
+    B, N, H, D = q.shape
+    n_sinks, block_s = _sink_block(sinks, N)
+    cfg = cfg or block_config(n, D)
+    gate_arg = gate if gate is not None else lse
+    grid = (triton.cdiv(A, cfg["BLOCK_M"]) * s * B * H,)
+    wrap_triton(_fwd_kernel)[grid](
+        q, k, src, dst, attn if attn is not None else dst, lse, gate_arg,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        src.stride(0), src.stride(1), src.stride(2),
+        dst.stride(0), dst.stride(1), dst.stride(2),
+        gate.stride(0) if gate is not None else 0, t,
+        N, H, B * H, A, n, s, n_sinks, scale * LOG2E,
+        GROUP=H // k.shape[2], V_GROUP=H // src.shape[2], HEAD_DIM=D, BLOCK_S=block_s,
+        COMPLETE=complete, CAUSAL=causal, HAS_GATE=gate is not None, HAS_SINKS=n_sinks > 0,
+        STORE_ATTN=attn is not None, PRECISION=_precision(q.dtype), **cfg,
+    )
 
 
 @triton_op("tensorized_attention::triton_fwd", mutates_args=())
@@ -95,27 +121,11 @@ def triton_fwd(
     attn = q.new_empty((m, B, N, H, D) if keep and gate is not None else (0,))
     lse = q.new_empty((m if keep else 1, B * H, N), dtype=torch.float32)
     out = q.new_empty((B, N, H, D))
-    n_sinks, block_s = _sink_block(sinks, N)
-    gate_arg = gate if gate is not None else q.new_empty(1)
     src = v
     for t, dim in enumerate(order):
-        n, s = shape[dim], st[dim]
-        A = P // s
         dst = out if t == m - 1 else values[t if keep else t % 2]
-        cfg = block_config(n, D)
-        grid = (triton.cdiv(A, cfg["BLOCK_M"]) * s * B * H,)
-        wrap_triton(_fwd_kernel)[grid](
-            q, k, src, dst, attn[t] if attn.numel() else dst, lse[t if keep else 0], gate_arg,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            src.stride(0), src.stride(1), src.stride(2),
-            dst.stride(0), dst.stride(1), dst.stride(2),
-            gate_arg.stride(0) if gate is not None else 0, t,
-            N, H, B * H, A, n, s, n_sinks, scale * LOG2E,
-            GROUP=H // Hkv, V_GROUP=H // src.shape[2], HEAD_DIM=D, BLOCK_S=block_s,
-            COMPLETE=complete, CAUSAL=causal, HAS_GATE=gate is not None, HAS_SINKS=n_sinks > 0,
-            STORE_ATTN=attn.numel() > 0, PRECISION=_precision(q.dtype), **cfg,
-        )
+        fwd_pass(q, k, src, dst, attn[t] if attn.numel() else None, lse[t if keep else 0], gate, t,
+                 shape[dim], st[dim], P // st[dim], causal=causal, complete=complete, sinks=sinks, scale=scale)
         src = dst
     if not keep:
         values = q.new_empty((0,))
@@ -162,7 +172,8 @@ def triton_bwd(
             k.stride(0), k.stride(1), k.stride(2),
             src.stride(0), src.stride(1), src.stride(2),
         )
-        cfg = bwd_block_config(n, D)
+        cfg = bwd_block_config(n, D, "dq")
+        cfg_k = bwd_block_config(n, D, "dkdv")
         # dq kernel needs Attn and DQ to share DOut's strides: all are contiguous [B, N, H, D]
         pass_attn = pass_attn.contiguous()
         grid_q = (triton.cdiv(A, cfg["BLOCK_M"]) * s * B * H,)
@@ -174,7 +185,7 @@ def triton_bwd(
             N, H, B * H, A, n, s, n_sinks, scale * LOG2E, scale,
             BLOCK_S=block_s, HAS_SINKS=n_sinks > 0, ACCUMULATE=t != m - 1, **consts, **cfg,
         )
-        grid_k = (triton.cdiv(A, cfg["BLOCK_N"]) * s * B * Hkv,)
+        grid_k = (triton.cdiv(A, cfg_k["BLOCK_N"]) * s * B * Hkv,)
         wrap_triton(_bwd_dkdv_kernel)[grid_k](
             q, k, src, grad_out, lse[t], delta, dk, dsrc, gate_arg,
             *common_strides,
@@ -183,7 +194,7 @@ def triton_bwd(
             dsrc.stride(0), dsrc.stride(1), dsrc.stride(2),
             gate_stride, t,
             N, H, B * Hkv, A, n, s, scale * LOG2E, scale,
-            ACCUMULATE=t != m - 1, **consts, **cfg,
+            ACCUMULATE=t != m - 1, **consts, **cfg_k,
         )
         if n_sinks:
             chunks = triton.cdiv(N, SINK_CHUNK)
@@ -270,4 +281,4 @@ def tensorized_attn_triton(q, k, v, shape, *, causal, mode, order, gate, sinks, 
     return out
 
 
-__all__ = ["tensorized_attn_triton", "triton_fwd", "triton_bwd", "block_config", "bwd_block_config"]
+__all__ = ["tensorized_attn_triton", "triton_fwd", "triton_bwd", "fwd_pass", "block_config", "bwd_block_config"]
