@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for bench.json and bench.png")
     b.add_argument("--no-plot", action="store_true", help="do not write bench.png")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.add_argument("--suite", action="store_true",
+                   help="run the GPU benchmark suite instead (needs CUDA): the registry of "
+                        "tensorized_attention.suite (4k..1M tokens, 32 and 8 kv heads, 2 and 3 dims, both "
+                        "modes, forward and forward+backward, against SDPA flash / cuDNN, FlexAttention and "
+                        "the reference backend); writes suite.json into --out. Other options are ignored.")
     b.set_defaults(func=_bench)
     return parser
 
@@ -154,6 +159,18 @@ def _bench(args: argparse.Namespace, command: str) -> int:
     import torch
 
     from . import bench
+
+    if args.suite:
+        if not torch.cuda.is_available():
+            print(f"{PROG} bench: error: --suite needs a CUDA GPU", file=sys.stderr)
+            return 2
+        from . import suite
+
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "suite.json")
+        suite.run_suite(suite.registry(), out_path=path, progress=not args.no_progress, command=command)
+        print(f"wrote {path}")
+        return 0
 
     lengths = args.lengths if isinstance(args.lengths, list) else parse_lengths(args.lengths)
     device = bench.resolve_device(args.device)
