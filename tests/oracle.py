@@ -86,3 +86,51 @@ def oracle_in_dtype(q, k, v, shape, **kw):
             new = g * vals + (1 - g) * new
         vals = new
     return vals.transpose(1, 2)
+
+
+def oracle_with_positions(q, k, v, shape, inv_freq, *, rotated=False, attention_scaling=1.0, causal=True,
+                          mode=None, order=None, gate=None, sinks=0, softmax_scale=None):
+    """The dense oracle with rotary tensor positions (DESIGN.md §3), rotations done with
+    complex numbers: in pass j, position p is rotated at p // s_j; a sink i outside the pass
+    mask is scored as an unrotated query against key i rotated at -(n_j + S - 1 - i)."""
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+    mode = mode or ("complete" if causal else "block")
+    order = list(range(len(shape))) if order is None else list(order)
+    scale = 1 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    freqs = inv_freq.double()
+
+    def rot(x, pos):  # x [B, H, N, D] float64, pos [N] (any integers)
+        z = torch.complex(x[..., : D // 2], x[..., D // 2:])
+        z = z * torch.polar(torch.ones_like(freqs), pos.double()[:, None] * freqs[None, :])
+        return torch.cat([z.real, z.imag], dim=-1)
+
+    pos = torch.arange(N)
+    q64 = q.double().transpose(1, 2)
+    k64 = k.double().transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    if rotated:
+        q64, k64 = rot(q64, -pos), rot(k64, -pos)
+    else:
+        q64, k64 = q64 * attention_scaling, k64 * attention_scaling
+    vals = v.double().transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
+    if gate is not None:
+        gate = gate.double().expand(H, len(shape))
+    for t, dim in enumerate(order):
+        s_j = math.prod(shape[dim + 1:])
+        tp = pos // s_j
+        scores = scale * rot(q64, tp) @ rot(k64, tp).transpose(-1, -2)
+        in_pass = dense_pass_mask(N, shape, dim, mode, causal, 0)
+        mask = dense_pass_mask(N, shape, dim, mode, causal, sinks)
+        if sinks:
+            dist = shape[dim] + sinks - 1 - torch.arange(min(sinks, N))
+            sink_k = rot(k64[:, :, : len(dist)], -dist)
+            sink_scores = scale * q64 @ sink_k.transpose(-1, -2)  # [B, H, N, S]
+            as_sink = mask & ~in_pass
+            scores[..., : len(dist)] = torch.where(as_sink[:, : len(dist)], sink_scores, scores[..., : len(dist)])
+        attn = torch.softmax(scores.masked_fill(~mask.to(scores.device), float("-inf")), dim=-1)
+        new = attn @ vals
+        if gate is not None:
+            g = gate[:, t].view(1, H, 1, 1)
+            new = g * vals + (1 - g) * new
+        vals = new
+    return vals.transpose(1, 2)

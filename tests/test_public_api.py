@@ -10,6 +10,7 @@ import pytest
 
 EXPECTED = {
     "tensorized_attention": [
+        "TensorPositions",
         "__version__",
         "available_backends",
         "choose_shape",
@@ -20,12 +21,14 @@ EXPECTED = {
         "ops",
         "pass_mask",
         "passes",
+        "rope",
         "strides",
         "tensorized_attn",
     ],
     "tensorized_attention.fold": ["check_shape", "choose_shape", "coordinates", "fold_size", "strides"],
     "tensorized_attention.passes": ["FoldPass", "draw_passes", "pass_mask", "plan_passes"],
     "tensorized_attention.ops": ["available_backends", "tensorized_attn", "tensorized_attn_reference"],
+    "tensorized_attention.rope": ["TensorPositions", "pass_positions", "rotate", "sink_distances"],
 }
 
 

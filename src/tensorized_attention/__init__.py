@@ -3,14 +3,16 @@
 See :func:`tensorized_attn` for the operator and its exact semantics.
 """
 
-from . import fold, ops, passes
+from . import fold, ops, passes, rope
 from .fold import choose_shape, coordinates, fold_size, strides
 from .ops import available_backends, tensorized_attn
 from .passes import draw_passes, pass_mask
+from .rope import TensorPositions
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "TensorPositions",
     "__version__",
     "available_backends",
     "choose_shape",
@@ -21,6 +23,7 @@ __all__ = [
     "ops",
     "pass_mask",
     "passes",
+    "rope",
     "strides",
     "tensorized_attn",
 ]

@@ -10,6 +10,7 @@ import torch
 
 from ..fold import check_shape, choose_shape
 from ..passes import MODES
+from ..rope import TensorPositions
 from .reference import tensorized_attn_reference
 
 __all__ = ["tensorized_attn", "available_backends"]
@@ -56,6 +57,7 @@ def tensorized_attn(
     gate: torch.Tensor | None = None,
     sinks: int = 0,
     softmax_scale: float | None = None,
+    positions: TensorPositions | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Tensorized attention: attention along each dimension of a fold of the sequence.
@@ -127,6 +129,10 @@ def tensorized_attn(
             (those ``<= p`` when causal) that its pass mask does not already hold, with the
             values of that pass's input. Sinks beyond ``seqlen`` do not exist.
         softmax_scale: defaults to ``1 / sqrt(headdim)``.
+        positions: None (q and k are used as given), or a
+            :class:`tensorized_attention.rope.TensorPositions`: rotary embeddings at tensor
+            positions, pass j rotating position p at ``p // s_j`` and seeing sink i at the
+            fixed distance ``n_j + S - 1 - i`` (DESIGN.md §3). Reference backend only.
         backend: ``"auto"`` (the best available for q's device and dtype: ``"triton"`` on
             CUDA, else ``"reference"``), ``"reference"`` (PyTorch, any device, autograd)
             or ``"triton"`` (fused kernels; float16 / bfloat16 / float32, headdim <= 256).
@@ -166,8 +172,11 @@ def tensorized_attn(
         softmax_scale = 1.0 / math.sqrt(D)
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    backend = _choose_backend(backend, q)
+    _check_positions(positions, D, q.device)
+    backend = _choose_backend(backend, q, positions)
     options = dict(causal=causal, mode=mode, order=order, gate=gate, sinks=sinks, softmax_scale=float(softmax_scale))
+    if positions is not None:
+        return tensorized_attn_reference(q, k, v, shape, positions=positions, **options)
     if backend == "triton":
         from .triton import tensorized_attn_triton
 
@@ -234,10 +243,29 @@ def _check_gate(gate, heads: int, m: int, device: torch.device) -> torch.Tensor 
     return gate
 
 
-def _choose_backend(backend: str, q: torch.Tensor) -> str:
+def _check_positions(positions, headdim: int, device: torch.device) -> None:
+    if positions is None:
+        return
+    if not isinstance(positions, TensorPositions):
+        raise TypeError(f"positions must be None or a TensorPositions, got {type(positions).__name__}")
+    inv_freq = positions.inv_freq
+    if not isinstance(inv_freq, torch.Tensor) or tuple(inv_freq.shape) != (headdim // 2,) or headdim % 2:
+        got = tuple(inv_freq.shape) if isinstance(inv_freq, torch.Tensor) else type(inv_freq).__name__
+        raise ValueError(f"positions.inv_freq must be a tensor of shape [headdim // 2] = [{headdim // 2}] "
+                         f"(headdim even), got {got} with headdim {headdim}")
+    if inv_freq.device != device:
+        raise ValueError(f"positions.inv_freq must be on q's device {device}, got {inv_freq.device}")
+
+
+def _choose_backend(backend: str, q: torch.Tensor, positions=None) -> str:
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     names = available_backends(q.device)
+    if positions is not None:
+        if backend == "triton":
+            raise ValueError("backend 'triton' does not take positions (tensor positions run on the reference "
+                             "backend); use backend='auto' or 'reference'")
+        return "reference"
     if backend == "auto":
         if names[0] == "triton" and (q.dtype not in TRITON_DTYPES or q.shape[-1] > TRITON_MAX_HEADDIM):
             return "reference"

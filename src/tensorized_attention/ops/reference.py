@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..fold import fold_size
 from ..passes import FoldPass, plan_passes
+from ..rope import TensorPositions, pass_positions, rotate, sink_distances
 
 __all__ = ["tensorized_attn_reference"]
 
@@ -35,8 +36,11 @@ def tensorized_attn_reference(
     gate: torch.Tensor | None,
     sinks: int,
     softmax_scale: float,
-) -> torch.Tensor:
-    """q: [B, N, H, D]; k, v: [B, N, H_kv, D]; gate: [H, m] or None. Returns [B, N, H, D]."""
+    positions: TensorPositions | None = None,
+    return_values: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    """q: [B, N, H, D]; k, v: [B, N, H_kv, D]; gate: [H, m] or None. Returns [B, N, H, D]
+    (and, with ``return_values``, the outputs of passes 1 .. m-1, each [B, N, H, D])."""
     B, N, H, D = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
@@ -49,13 +53,35 @@ def tensorized_attn_reference(
 
     qi, ki, values = to_internal(q, G), to_internal(k, 1), to_internal(v, 1)
     sink_count = min(sinks, N)
-    positions = torch.arange(P, device=q.device)
+    pos = torch.arange(P, device=q.device)
+    if positions is not None:
+        rope_scale = 1.0 if positions.rotated else positions.attention_scaling
+        if positions.rotated:  # back to unrotated (times the model's attention scaling)
+            qi, ki = (rotate(x, pos, positions.inv_freq, inverse=True) for x in (qi, ki))
     plan = plan_passes(shape, order, mode, causal)
+    passes = []
     for t, step in enumerate(plan):
         g = None if gate is None else gate[:, t].reshape(Hkv, G, 1, 1)
-        values = _fold_pass(step, qi, ki, values, g, shape, N, sink_count, positions, softmax_scale)
-    out = values[:, :, :, :N]  # [B, H_kv, G, N, D]
-    return out.permute(0, 3, 1, 2, 4).reshape(B, N, H, D)
+        q_t, k_t, sink_q, sink_k = qi, ki, None, None
+        if positions is not None:  # one rotated copy of q and k at a time (DESIGN.md §3)
+            tensor_pos = pass_positions(pos, step.stride)
+            q_t, k_t = (rotate(x, tensor_pos, positions.inv_freq, scale=rope_scale) for x in (qi, ki))
+            if sink_count:
+                sink_q = (qi.to(torch.float32) * rope_scale).to(qi.dtype)  # rotated at 0
+                dist = sink_distances(step.size, sinks)[:sink_count].to(q.device)
+                sink_k = rotate(ki[..., :sink_count, :], -dist, positions.inv_freq, scale=rope_scale)
+        values = _fold_pass(step, q_t, k_t, values, g, shape, N, sink_count, pos, softmax_scale, sink_q, sink_k)
+        passes.append(values)
+    out = _to_output(values, N)
+    if return_values:
+        return out, [_to_output(x, N) for x in passes[:-1]]
+    return out
+
+
+def _to_output(x: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """[B, H_kv, G, P, D] -> [B, seqlen, H_kv * G, D]."""
+    B, Hkv, G, _, D = x.shape
+    return x[:, :, :, :seqlen].permute(0, 3, 1, 2, 4).reshape(B, seqlen, Hkv * G, D)
 
 
 def _fibers(x: torch.Tensor, step: FoldPass) -> torch.Tensor:
@@ -72,8 +98,10 @@ def _unfibers(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).reshape(*lead, C * n * s, D)
 
 
-def _fold_pass(step, q, k, values, gate, shape, seqlen, sink_count, positions, scale):
-    """One FoldPass. q: [B, Hkv, G, P, D]; k: [B, Hkv, 1, P, D]; values: [B, Hkv, 1 or G, P, D]."""
+def _fold_pass(step, q, k, values, gate, shape, seqlen, sink_count, positions, scale, sink_q=None, sink_k=None):
+    """One FoldPass. q: [B, Hkv, G, P, D]; k: [B, Hkv, 1, P, D]; values: [B, Hkv, 1 or G, P, D].
+    The sinks are scored with ``sink_q`` and ``sink_k [B, Hkv, 1, S, D]`` when given (tensor
+    positions), else with q and the first keys of k."""
     n, s = step.size, step.stride
     qf, kf, vf = _fibers(q, step), _fibers(k, step), _fibers(values, step)
     pos = _fibers(positions[:, None], step)[..., 0]  # [C, s, n]: position of each fiber slot
@@ -104,7 +132,9 @@ def _fold_pass(step, q, k, values, gate, shape, seqlen, sink_count, positions, s
     acc = torch.promote_types(scores.dtype, torch.float32)
     scores = scores.to(acc).masked_fill(~allowed, float("-inf"))
     if sink_count:
-        sink_scores = torch.einsum("bhgcsid,bhjd->bhgcsij", qf, k[:, :, 0, :sink_count]) * scale
+        sq = qf if sink_q is None else _fibers(sink_q, step)
+        sk = k[:, :, 0, :sink_count] if sink_k is None else sink_k[:, :, 0]
+        sink_scores = torch.einsum("bhgcsid,bhjd->bhgcsij", sq, sk) * scale
         p = pos[..., None]  # [C, s, n, 1]
         sink = positions[:sink_count]
         sink_allowed = ~step.reads(p, sink, shape)
