@@ -1,0 +1,366 @@
+"""``attn_implementation="tensorized"`` for Hugging Face transformers models.
+
+:func:`register` adds the attention function and its mask function to transformers'
+registries. Every Llama-family attention layer (Llama, Mistral, Qwen2, Qwen3 and models
+that reuse them, such as SmolLM2) calls the registered function with q and k already
+rotated at their sequence positions, and the cached k and v when generating.
+
+Cached generation (DESIGN.md §4): a prefill runs the whole operator and keeps, per layer,
+the outputs of passes 1 .. m-1; each new token then runs its m passes against its own
+fibers or windows (sum(n_j) keys per head, not N), reading k and v from the model's cache
+and the intermediate values from this state, which lives on the cache object and follows
+its reorder / crop / reset. The state keeps the intermediate values of the whole
+sequence (H heads each): the ring buffers of DESIGN.md §4 are not built yet.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.reference import tensorized_attn_reference
+from ..ops.dispatch import tensorized_attn
+from ..fold import strides
+from ..rope import TensorPositions, pass_positions, rotate, sink_distances
+from .options import num_dims, options_of, resolve_fold
+
+__all__ = ["register", "enable", "from_pretrained", "gate_of", "tensorized_attention_forward", "tensorized_mask",
+           "decode_state"]
+
+NAME = "tensorized"
+GATE_PARAM = "tensorized_gate_logit"
+_ACTIVE_CACHE: contextvars.ContextVar = contextvars.ContextVar("tensorized_active_cache", default=None)
+_REGISTERED = False
+
+
+@dataclass
+class DecodeState:
+    """What one layer keeps for cached decoding."""
+
+    shape: tuple[int, ...]  # the fold of the prefill
+    values: list[torch.Tensor]  # outputs of passes 1 .. m-1: [B, H, length, D] each
+    length: int
+    keys_read: list[int] = field(default_factory=list)  # per decoded token: keys read per head, all passes
+
+
+def decode_state(cache, layer_idx: int) -> DecodeState | None:
+    """The decoding state of one layer kept on a transformers cache (None if none)."""
+    return getattr(cache, "_tensorized_states", {}).get(layer_idx)
+
+
+def _states(cache) -> dict[int, DecodeState]:
+    if not hasattr(cache, "_tensorized_states"):
+        cache._tensorized_states = {}
+    return cache._tensorized_states
+
+
+# ---------------------------------------------------------------------------- registration
+
+
+def register() -> None:
+    """Make ``attn_implementation="tensorized"`` available (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.cache_utils import Cache
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, tensorized_attention_forward)
+    AttentionMaskInterface.register(NAME, tensorized_mask)
+
+    original_update = Cache.update
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        _ACTIVE_CACHE.set((self, layer_idx))
+        return original_update(self, key_states, value_states, layer_idx, *args, **kwargs)
+
+    Cache.update = update
+
+    def follow(method_name, transform):
+        original = getattr(Cache, method_name, None)
+        if original is None:
+            return
+
+        def method(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            for state in getattr(self, "_tensorized_states", {}).values():
+                transform(state, *args, **kwargs)
+            if method_name == "reset":
+                self._tensorized_states = {}
+            return out
+
+        setattr(Cache, method_name, method)
+
+    def reorder(state, beam_idx, *a, **k):
+        state.values = [x.index_select(0, beam_idx.to(x.device)) for x in state.values]
+
+    def select(state, indices, *a, **k):
+        state.values = [x[indices.to(x.device) if torch.is_tensor(indices) else indices] for x in state.values]
+
+    def repeat(state, repeats, *a, **k):
+        state.values = [x.repeat_interleave(repeats, dim=0) for x in state.values]
+
+    def crop(state, max_length, *a, **k):
+        keep = max_length if max_length >= 0 else state.length + max_length
+        state.values = [x[:, :, :keep] for x in state.values]
+        state.length = min(state.length, keep)
+
+    follow("reorder_cache", reorder)
+    follow("batch_select_indices", select)
+    follow("batch_repeat_interleave", repeat)
+    follow("crop", crop)
+    follow("reset", lambda state, *a, **k: None)
+    _REGISTERED = True
+
+
+def enable(model, options: dict | str | None = None):
+    """Switch a loaded model to tensorized attention: store ``options`` (a dict, or a preset
+    name such as ``"pilot"``) in ``model.config.tensorized_attention``, give each tensorized
+    layer its gate logits (a learnable ``[heads, m]`` parameter, when the options have a
+    gate), and set ``attn_implementation="tensorized"``. Returns the model."""
+    register()
+    config = model.config
+    if options is not None:
+        config.tensorized_attention = options
+    opts = options_of(config)
+    config.tensorized_attention = {k: v for k, v in opts.items()}  # presets resolved: the saved config says all
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "o_proj") and hasattr(module, "config"):
+            _add_gate(module, opts)
+    model.set_attn_implementation(NAME)
+    return model
+
+
+def from_pretrained(path, options: dict | str | None = None, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` switched to tensorized attention
+    (:func:`enable`), with the gate logits saved in the checkpoint restored."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    register()
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    enable(model, options)
+    saved = {}
+    for file in glob.glob(os.path.join(str(path), "*.safetensors")):
+        saved.update({k: v for k, v in load_file(file).items() if k.endswith(GATE_PARAM)})
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in saved.items():
+            if name in params:
+                params[name].copy_(value)
+    return model
+
+
+def _add_gate(module, opts) -> None:
+    if opts["gate"] is None or module.layer_idx in opts["full_attention_layers"]:
+        return
+    heads = module.config.num_attention_heads
+    init = torch.tensor([math.log(g / (1 - g)) if g is not None else 0.0 for g in opts["gate"]])
+    if getattr(module, GATE_PARAM, None) is None:
+        device = module.o_proj.weight.device
+        module.register_parameter(GATE_PARAM, torch.nn.Parameter(init.expand(heads, -1).clone().to(device)))
+
+
+def gate_of(module, opts) -> torch.Tensor | None:
+    """The layer's gate, [heads, m] in [0, 1] (0 for passes configured without a gate)."""
+    if opts["gate"] is None:
+        return None
+    logit = getattr(module, GATE_PARAM, None)
+    if logit is None:
+        raise RuntimeError(
+            f"layer {module.layer_idx}: config.tensorized_attention has a gate but the layer has no "
+            f"'{GATE_PARAM}' parameter; call tensorized_attention.hf.enable(model) after loading")
+    active = torch.tensor([g is not None for g in opts["gate"]], device=logit.device)
+    return torch.where(active, torch.sigmoid(logit.float()), torch.zeros((), device=logit.device))
+
+
+# ------------------------------------------------------------------------------- the mask
+
+
+def tensorized_mask(*args, attention_mask=None, **kwargs):
+    """The mask function of ``attn_implementation="tensorized"``: the operator is causal by
+    construction, so no mask is built; a padded batch (a 2-D mask with zeros) is refused."""
+    if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
+        raise ValueError(
+            "attn_implementation='tensorized' does not take padded batches (the attention mask has "
+            "padding zeros): run the sequences one at a time, or in batches of equal length without padding")
+    return None
+
+
+# -------------------------------------------------------------------------- the attention
+
+
+def _rotary(module, device):
+    """(inv_freq [D/2], attention_scaling) of the model's RoPE, as its rotary embedding computes them."""
+    cached = getattr(module, "_tensorized_rotary", None)
+    if cached is not None and cached[0].device == device:
+        return cached
+    config = module.config
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type == "default":
+        head_dim = module.head_dim
+        dim = int(head_dim * float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0))))
+        theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        out = (inv_freq, 1.0)
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, device)
+        out = (inv_freq.to(device), float(attention_scaling))
+    if out[0].numel() * 2 != module.head_dim:
+        raise ValueError("tensor positions need rotary embeddings over the whole head dimension "
+                         f"(got {out[0].numel() * 2} rotated of {module.head_dim})")
+    module._tensorized_rotary = out
+    return out
+
+
+def tensorized_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                 scaling: float | None = None, **kwargs):
+    """query [B, H, q_len, D]; key, value [B, H_kv, kv_len, D] (the cache included).
+    Returns ([B, q_len, H, D], None)."""
+    if dropout:
+        raise ValueError("attn_implementation='tensorized' has no attention dropout; set attention_dropout=0")
+    opts = options_of(module.config)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if module.layer_idx in opts["full_attention_layers"]:
+        return _full_attention(query, key, value, scale), None
+    active = _ACTIVE_CACHE.get()
+    cache = active[0] if active is not None and active[1] == module.layer_idx else None
+    _ACTIVE_CACHE.set(None)
+    past = kv_len - q_len
+    if past == 0:
+        return _prefill(module, opts, query, key, value, scale, cache), None
+    if cache is None or decode_state(cache, module.layer_idx) is None:
+        raise RuntimeError(
+            "tensorized attention: the keys hold past tokens but this layer has no decoding state; decode with "
+            "a transformers cache that went through the prefill with attn_implementation='tensorized'")
+    return _decode(module, opts, query, key, value, scale, decode_state(cache, module.layer_idx), past), None
+
+
+def _full_attention(query, key, value, scale):
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask = None
+    if q_len > 1:
+        i = torch.arange(q_len, device=query.device)[:, None] + (kv_len - q_len)
+        mask = torch.arange(kv_len, device=query.device)[None, :] <= i
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2)
+
+
+def _positions(module, opts, device):
+    if opts["positions"] != "tensor":
+        return None
+    inv_freq, attention_scaling = _rotary(module, device)
+    return TensorPositions(inv_freq, attention_scaling=attention_scaling, rotated=True)
+
+
+def _capacity(module) -> int:
+    return int(getattr(module.config, "max_position_embeddings", 0) or 0)
+
+
+def _prefill(module, opts, query, key, value, scale, cache):
+    N = query.shape[2]
+    shape = resolve_fold(opts, N, _capacity(module))
+    m = len(shape)
+    order = opts["order"] if opts["order"] is not None else list(range(m))
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))
+    gate = gate_of(module, opts)
+    kwargs = dict(causal=True, mode=opts["mode"], order=order, gate=gate, sinks=opts["sinks"], softmax_scale=scale)
+    positions = _positions(module, opts, query.device)
+    if cache is None:  # training or a plain forward: the fastest backend
+        return tensorized_attn(q, k, v, shape, positions=positions, **kwargs)
+    out, values = tensorized_attn_reference(q, k, v, shape, positions=positions, return_values=True,
+                                            **{**kwargs, "order": tuple(order)})
+    _states(cache)[module.layer_idx] = DecodeState(
+        shape=tuple(shape), values=[x.transpose(1, 2).contiguous() for x in values], length=N)
+    return out
+
+
+def _decode(module, opts, query, key, value, scale, state: DecodeState, past: int):
+    """Tokens past .. past + q_len - 1, one at a time, against their fibers / windows."""
+    if state.length != past:
+        raise RuntimeError(f"tensorized decoding state holds {state.length} tokens but the cache holds {past}")
+    B, H, q_len, D = query.shape
+    Hkv = key.shape[1]
+    G = H // Hkv
+    positions = _positions(module, opts, query.device)
+    gate = gate_of(module, opts)
+    sinks = opts["sinks"]
+    acc = torch.promote_types(value.dtype, torch.float32)
+    outs = []
+    for i in range(q_len):
+        p = past + i
+        shape = resolve_fold(opts, p + 1, _capacity(module))
+        grew_first = shape[1:] == state.shape[1:] and not (sinks and positions is not None)
+        if shape != state.shape and not grew_first:
+            raise RuntimeError(
+                f"tensorized decoding: the fold changed from {state.shape} (prefill) to {shape} at position {p}, "
+                "which changes earlier outputs; give config.tensorized_attention['shape'] a fixed tail, e.g. "
+                "[None, 256], and (with sinks and tensor positions) a first dimension that holds the whole sequence")
+        m = len(shape)
+        order = opts["order"] if opts["order"] is not None else list(range(m))
+        st = strides(shape)
+        q_p = query[:, :, i]  # [B, H, D], rotated at p
+        prev = value[:, :, p].repeat_interleave(G, dim=1)  # V^0 at p, [B, H, D]
+        keys_read = 0
+        for t, dim in enumerate(order):
+            n, s = shape[dim], st[dim]
+            a = p // s
+            count = min(n, a + 1) if opts["mode"] == "complete" else (a % n) + 1
+            idx = p - s * torch.arange(count, device=query.device)  # the pass's keys, nearest first
+            sink_idx = [j for j in range(min(sinks, p + 1)) if j not in set(idx.tolist())]
+            keys = key[:, :, idx].repeat_interleave(G, dim=1)  # [B, H, count, D]
+            vals = _values_at(value, state, t, idx, G)
+            q_t = q_p
+            sink_q = q_p
+            sink_k = key[:, :, sink_idx].repeat_interleave(G, dim=1)
+            if positions is not None:
+                pos_all = torch.tensor([p], device=query.device)
+                q_plain = rotate(q_p[:, :, None], pos_all, positions.inv_freq, inverse=True)
+                q_t = rotate(q_plain, pass_positions(pos_all, s), positions.inv_freq)[:, :, 0]
+                k_plain = rotate(keys, idx, positions.inv_freq, inverse=True)
+                keys = rotate(k_plain, pass_positions(idx, s), positions.inv_freq)
+                sink_q = q_plain[:, :, 0]
+                if sink_idx:
+                    sidx = torch.tensor(sink_idx, device=query.device)
+                    dist = sink_distances(n, sinks).to(query.device)[sidx]
+                    sink_k = rotate(rotate(sink_k, sidx, positions.inv_freq, inverse=True), -dist, positions.inv_freq)
+            scores = torch.einsum("bhd,bhjd->bhj", q_t.to(acc), keys.to(acc)) * scale
+            if sink_idx:
+                sink_scores = torch.einsum("bhd,bhjd->bhj", sink_q.to(acc), sink_k.to(acc)) * scale
+                scores = torch.cat([scores, sink_scores], dim=-1)
+                vals = torch.cat([vals, _values_at(value, state, t, torch.tensor(sink_idx, device=query.device), G)], 2)
+            weights = torch.softmax(scores, dim=-1)
+            new = torch.einsum("bhj,bhjd->bhd", weights, vals.to(acc))
+            if gate is not None:
+                g = gate[:, t].to(device=new.device, dtype=acc)[None, :, None]
+                new = g * prev.to(acc) + (1 - g) * new
+            new = new.to(value.dtype)
+            keys_read += scores.shape[-1]
+            if t < m - 1:
+                state.values[t] = torch.cat([state.values[t], new[:, :, None]], dim=2)
+            prev = new
+        state.length = p + 1
+        state.keys_read.append(keys_read)
+        outs.append(prev)
+    return torch.stack(outs, dim=1)  # [B, q_len, H, D]
+
+
+def _values_at(value, state, t, idx, G):
+    """The input values of pass t at positions idx: [B, H, len(idx), D]."""
+    if t == 0:
+        return value[:, :, idx].repeat_interleave(G, dim=1)
+    return state.values[t - 1][:, :, idx]

@@ -1,0 +1,85 @@
+"""The options of tensorized attention in a Hugging Face model: one dict,
+``config.tensorized_attention``, saved and loaded with the model's config."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..fold import check_shape, choose_shape
+
+__all__ = ["DEFAULTS", "PRESETS", "options_of", "resolve_fold"]
+
+DEFAULTS: dict[str, Any] = {
+    # a fold (n_1, ..., n_m); its first entry may be None ("as many as the length needs"),
+    # which keeps every position's output independent of the total length (needed for
+    # cached generation); None: choose_shape(length, ndim, local=local)
+    "shape": None,
+    "ndim": 2,
+    "local": None,
+    "mode": "complete",  # or "block"
+    "order": None,  # default range(m): coarsest first (the order cached decoding is built for)
+    "positions": "tensor",  # rotary at p // s_j (DESIGN.md §3), or "sequence": the model's own RoPE
+    "gate": None,  # None, or the initial gate per pass (None entries: that pass has no gate)
+    "sinks": 0,
+    "full_attention_layers": [],  # layer indices that keep full (SDPA) attention
+}
+
+# The best configuration the pilot found (DESIGN.md §7): 2 dims with a contiguous
+# dimension of 256, coarse pass first, gate sigmoid(2) ~ 0.88 on the first pass, 4 sinks,
+# tensor positions.
+PRESETS: dict[str, dict[str, Any]] = {
+    "pilot": {
+        "shape": [None, 256],
+        "mode": "complete",
+        "order": [0, 1],
+        "positions": "tensor",
+        "gate": [0.88, None],
+        "sinks": 4,
+        "full_attention_layers": [],
+    },
+}
+
+
+def options_of(config) -> dict[str, Any]:
+    """The validated options of a model config (missing keys take DEFAULTS)."""
+    given = getattr(config, "tensorized_attention", None) or {}
+    if isinstance(given, str):
+        if given not in PRESETS:
+            raise ValueError(f"config.tensorized_attention: unknown preset {given!r}; presets: {sorted(PRESETS)}")
+        given = PRESETS[given]
+    if not isinstance(given, dict):
+        raise TypeError(f"config.tensorized_attention must be a dict (or a preset name), got {type(given).__name__}")
+    unknown = set(given) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"config.tensorized_attention: unknown keys {sorted(unknown)}; allowed: {sorted(DEFAULTS)}")
+    opts = {**DEFAULTS, **given}
+    if opts["positions"] not in ("tensor", "sequence"):
+        raise ValueError(f"config.tensorized_attention['positions'] must be 'tensor' or 'sequence', got {opts['positions']!r}")
+    if opts["mode"] not in ("block", "complete"):
+        raise ValueError(f"config.tensorized_attention['mode'] must be 'block' or 'complete', got {opts['mode']!r}")
+    m = num_dims(opts)
+    gate = opts["gate"]
+    if gate is not None:
+        if len(gate) != m or any(g is not None and not 0.0 < float(g) < 1.0 for g in gate):
+            raise ValueError(f"config.tensorized_attention['gate'] must be None or {m} entries, each None or in (0, 1), "
+                             f"got {gate!r}")
+    return opts
+
+
+def num_dims(opts: dict[str, Any]) -> int:
+    return len(opts["shape"]) if opts["shape"] is not None else int(opts["ndim"])
+
+
+def resolve_fold(opts: dict[str, Any], length: int, capacity: int = 0) -> tuple[int, ...]:
+    """The fold used for a sequence of ``length`` positions. A first entry None holds
+    ``max(length, capacity)`` positions (the model's trained length, say): a causal pass
+    never reads beyond its query, so only the sinks' distance in the first pass
+    (n_1 + S - 1 - i with tensor positions) sees n_1."""
+    shape = opts["shape"]
+    if shape is None:
+        return choose_shape(length, int(opts["ndim"]), local=opts["local"])
+    if shape[0] is None:
+        tail = check_shape(list(shape[1:]), name="config.tensorized_attention['shape'][1:]") if len(shape) > 1 else ()
+        return (max(1, -(-max(length, capacity) // math.prod(tail))), *tail)
+    return check_shape(list(shape), length, name="config.tensorized_attention['shape']")
