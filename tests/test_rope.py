@@ -24,6 +24,8 @@ def _inv_freq(D, base=10000.0):
         ((3, 4, 5), 55, "block", (2, 0, 1), 2, True, True, 1.3),
         ((3, 4, 5), 60, "complete", None, 4, False, False, 0.8),
         ((6, 7), 40, "block", None, 100, True, True, 1.0),
+        ((9, 5), 17, "complete", None, 3, True, True, 1.0),  # rows 4..8 hold no position
+        ((7, 2, 3), 10, "block", (0, 2, 1), 2, False, True, 1.0),
     ],
 )
 def test_matches_oracle(shape, N, mode, order, sinks, gate, rotated, scaling):

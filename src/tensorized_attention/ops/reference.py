@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..fold import fold_size
+from ..fold import fold_size, strides
 from ..passes import FoldPass, plan_passes
 from ..rope import TensorPositions, pass_positions, rotate, sink_distances
 
@@ -44,6 +44,11 @@ def tensorized_attn_reference(
     B, N, H, D = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
+    # Rows of the first dimension that hold no real position are never read by a real query
+    # and change no real output: drop them (a fold sized for a long capacity costs nothing
+    # on a short input). The nominal size of each dimension still sets the sinks' distance.
+    nominal = shape
+    shape = (min(shape[0], -(-N // strides(shape)[0])), *shape[1:])
     P = fold_size(shape)
 
     def to_internal(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -68,7 +73,7 @@ def tensorized_attn_reference(
             q_t, k_t = (rotate(x, tensor_pos, positions.inv_freq, scale=rope_scale) for x in (qi, ki))
             if sink_count:
                 sink_q = (qi.to(torch.float32) * rope_scale).to(qi.dtype)  # rotated at 0
-                dist = sink_distances(step.size, sinks)[:sink_count].to(q.device)
+                dist = sink_distances(nominal[step.dim], sinks)[:sink_count].to(q.device)
                 sink_k = rotate(ki[..., :sink_count, :], -dist, positions.inv_freq, scale=rope_scale)
         values = _fold_pass(step, q_t, k_t, values, g, shape, N, sink_count, pos, softmax_scale, sink_q, sink_k)
         passes.append(values)
