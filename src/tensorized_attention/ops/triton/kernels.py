@@ -92,6 +92,18 @@ def _query_range(k0, n, A, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COMPLET
 
 
 @triton.jit
+def _query_program(BH, H, A, s, BLOCK_M: tl.constexpr):
+    """What a query-major program owns: BLOCK_M consecutive slots from a0 of residue r, for
+    one (batch b, query head h) = bh. The heads vary fastest, so that programs sharing a kv
+    head run side by side; the last slots, which read the most keys, are launched first."""
+    pid = tl.program_id(0)
+    bh = pid % BH
+    tile = pid // BH
+    a0 = (tl.cdiv(A, BLOCK_M) - 1 - tile // s) * BLOCK_M
+    return bh, bh // H, bh % H, a0, tile % s
+
+
+@triton.jit
 def _fwd_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, offs_a, offs_d, d_ok, r,
               N, n, s, stride_kn, stride_vn, scale_log2,
               BLOCK_N: tl.constexpr, COMPLETE: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
@@ -133,16 +145,7 @@ def _fwd_kernel(
     HAS_GATE: tl.constexpr, HAS_SINKS: tl.constexpr, STORE_ATTN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # one program: BLOCK_M consecutive slots a of one residue r, one (batch, query head);
-    # the heads vary fastest so that programs sharing a kv head run side by side.
-    pid = tl.program_id(0)
-    bh = pid % BH
-    tile = pid // BH
-    b = bh // H
-    h = bh % H
-    # the last slots read the most keys (causal): launch them first
-    a0 = (tl.cdiv(A, BLOCK_M) - 1 - tile // s) * BLOCK_M
-    r = tile % s
+    bh, b, h, a0, r = _query_program(BH, H, A, s, BLOCK_M)
     if a0 * s + r >= N:
         return
     hk = h // GROUP
@@ -271,14 +274,7 @@ def _bwd_dq_kernel(
     gradient, and dq (added to DQ when ACCUMULATE). DOut is the gradient of the pass's
     output V_t; dO = (1 - g) DOut is the gradient of its attention output O = Attn.
     DQ, DOut and Attn share the [batch, seqlen, heads, headdim] strides (stride_o*)."""
-    pid = tl.program_id(0)
-    bh = pid % BH
-    tile = pid // BH
-    b = bh // H
-    h = bh % H
-    # the last slots read the most keys (causal): launch them first
-    a0 = (tl.cdiv(A, BLOCK_M) - 1 - tile // s) * BLOCK_M
-    r = tile % s
+    bh, b, h, a0, r = _query_program(BH, H, A, s, BLOCK_M)
     if a0 * s + r >= N:
         return
     hk = h // GROUP

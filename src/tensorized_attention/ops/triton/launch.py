@@ -34,40 +34,29 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def block_config(n: int, head_dim: int) -> dict:
-    """Tile sizes of the forward of a pass of fiber size ``n`` (from shapes alone; chosen
-    by the timings in docs/benchmarks.md on an H100)."""
+# Tile settings (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for head dims up to
+# 128 and above: the fastest measured on an H100 (docs/benchmarks.md, h100_tune_131k.json).
+TILES = {
+    "fwd": ((128, 32, 4, 3), (64, 32, 4, 2)),
+    "dq": ((64, 64, 4, 2), (32, 32, 4, 1)),
+    "dkdv": ((64, 64, 4, 2), (32, 32, 4, 1)),
+}
+
+
+def block_config(n: int, head_dim: int, kernel: str = "fwd") -> dict:
+    """Tile sizes of kernel ``"fwd"``, ``"dq"`` or ``"dkdv"`` for a pass of fiber size ``n``
+    (a function of the shapes alone; tiles never exceed the fiber rounded up to a power of two)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     small = max(16, triton.next_power_of_2(n))
     if _interpreting():
         bm = bn = 16 if n <= 16 else 32
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    if block_d <= 128:
-        cfg = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=3)
-    else:
-        cfg = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    return _override(cfg, "fwd", small)
-
-
-def _override(cfg: dict, kind: str, small: int) -> dict:
-    cfg = {**cfg, **CONFIG_OVERRIDES[kind]}
+    bm, bn, warps, stages = TILES[kernel][0 if block_d <= 128 else 1]
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+               **CONFIG_OVERRIDES[kernel])
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], small)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], small)
     return cfg
-
-
-def bwd_block_config(n: int, head_dim: int, kernel: str = "dq") -> dict:
-    """Tile sizes of the backward kernels ``"dq"`` and ``"dkdv"`` of a pass of fiber size ``n``."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    small = max(16, triton.next_power_of_2(n))
-    if _interpreting():
-        bm = bn = 16 if n <= 16 else 32
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    if block_d <= 128:
-        cfg = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    else:
-        cfg = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    return _override(cfg, kernel, small)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -172,8 +161,8 @@ def triton_bwd(
             k.stride(0), k.stride(1), k.stride(2),
             src.stride(0), src.stride(1), src.stride(2),
         )
-        cfg = bwd_block_config(n, D, "dq")
-        cfg_k = bwd_block_config(n, D, "dkdv")
+        cfg = block_config(n, D, "dq")
+        cfg_k = block_config(n, D, "dkdv")
         # dq kernel needs Attn and DQ to share DOut's strides: all are contiguous [B, N, H, D]
         pass_attn = pass_attn.contiguous()
         grid_q = (triton.cdiv(A, cfg["BLOCK_M"]) * s * B * H,)
@@ -281,4 +270,4 @@ def tensorized_attn_triton(q, k, v, shape, *, causal, mode, order, gate, sinks, 
     return out
 
 
-__all__ = ["tensorized_attn_triton", "triton_fwd", "triton_bwd", "fwd_pass", "block_config", "bwd_block_config"]
+__all__ = ["tensorized_attn_triton", "triton_fwd", "triton_bwd", "fwd_pass", "block_config"]
