@@ -184,3 +184,18 @@ def test_bad_options_are_refused():
         hf.enable(model, "best")
     with pytest.raises(ValueError, match=r"\['gate'\] must be None or 2 entries"):
         hf.enable(model, {"shape": [None, 4], "gate": [1.5, None]})
+
+
+def test_from_pretrained_with_attn_implementation(tmp_path):
+    """After register(), from_pretrained(attn_implementation="tensorized") reads the options
+    saved in the config."""
+    model = hf.enable(_tiny(), {"shape": [None, 4], "sinks": 2})
+    ids = torch.randint(0, 97, (1, 15))
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="tensorized", dtype=torch.float64)
+    assert loaded.config._attn_implementation == "tensorized"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-9, atol=1e-9)
