@@ -16,8 +16,6 @@ from .reference import tensorized_attn_reference
 __all__ = ["tensorized_attn", "available_backends"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 BACKENDS = ("reference", "triton")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEADDIM = 256
@@ -175,13 +173,11 @@ def tensorized_attn(
     _check_positions(positions, D, q.device)
     backend = _choose_backend(backend, q, positions)
     options = dict(causal=causal, mode=mode, order=order, gate=gate, sinks=sinks, softmax_scale=float(softmax_scale))
-    if positions is not None:
-        return tensorized_attn_reference(q, k, v, shape, positions=positions, **options)
-    if backend == "triton":
+    if backend == "triton":  # never with positions (_choose_backend)
         from .triton import tensorized_attn_triton
 
         return tensorized_attn_triton(q, k, v, shape, **options)
-    return tensorized_attn_reference(q, k, v, shape, **options)
+    return tensorized_attn_reference(q, k, v, shape, positions=positions, **options)
 
 
 def _check_tensors(q, k, v) -> None:
