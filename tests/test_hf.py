@@ -135,7 +135,10 @@ def test_decode_step_reads_sum_of_fold_keys():
         model(ids[:, :160], past_key_values=cache)
         for i in range(160, 200):
             model(ids[:, i:i + 1], past_key_values=cache)
-    reads = hf.decode_state(cache, 0).keys_read
+    state = hf.decode_state(cache, 0)
+    # DESIGN.md §4: with the coarse pass first, pass t's output lives in a ring of s_t positions
+    assert [x.shape[2] for x in state.values] == [32, 4]
+    reads = state.keys_read
     for step, p in zip(reads, range(160, 200)):
         assert step == (p // 32 + 1) + 8 + 4  # the coarse dimension grows with the length: n_1 = p // 32 + 1
 
@@ -199,3 +202,17 @@ def test_from_pretrained_with_attn_implementation(tmp_path):
     assert loaded.config._attn_implementation == "tensorized"
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_cached_decoding_other_order_keeps_whole_sequences():
+    """Fine pass first: the intermediate values are read far back, so the state keeps them all."""
+    model = hf.enable(_tiny(), {"shape": [None, 4], "order": [1, 0], "sinks": 2, "gate": [0.5, 0.3]})
+    ids = torch.randint(0, 97, (1, 22))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :9], past_key_values=cache).logits]
+        for i in range(9, 22):
+            steps.append(model(ids[:, i:i + 1], past_key_values=cache).logits)
+    assert hf.decode_state(cache, 0).values[0].shape[2] == 22
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-6, atol=1e-6)

@@ -9,8 +9,9 @@ Cached generation (DESIGN.md §4): a prefill runs the whole operator and keeps, 
 the outputs of passes 1 .. m-1; each new token then runs its m passes against its own
 fibers or windows (sum(n_j) keys per head, not N), reading k and v from the model's cache
 and the intermediate values from this state, which lives on the cache object and follows
-its reorder / crop / reset. The state keeps the intermediate values of the whole
-sequence (H heads each): the ring buffers of DESIGN.md §4 are not built yet.
+its reorder / crop / reset. With the coarse pass first, the intermediate values live in
+ring buffers of s_1, ..., s_{m-1} positions plus the first S (DESIGN.md §4): the cache is
+the size of full attention's plus a little.
 """
 
 from __future__ import annotations
@@ -39,12 +40,41 @@ _REGISTERED = False
 
 @dataclass
 class DecodeState:
-    """What one layer keeps for cached decoding."""
+    """What one layer keeps for cached decoding: the outputs of passes 1 .. m-1, each
+    ``[B, H, slots, D]``. With the coarse pass first (order 0 .. m-1), the output of pass t
+    is only read back over the last s_t positions (DESIGN.md §4): it lives in a ring buffer
+    of ``ring[t] = s_t`` slots (position p in slot p mod s_t), beside ``sinks[t]``, its first
+    S positions. Other orders keep whole sequences (``ring[t] = None``)."""
 
     shape: tuple[int, ...]  # the fold of the prefill
-    values: list[torch.Tensor]  # outputs of passes 1 .. m-1: [B, H, length, D] each
+    values: list[torch.Tensor]
+    ring: list[int | None]
+    sinks: list[torch.Tensor]  # [B, H, min(S, length), D] each (empty without sinks)
     length: int
     keys_read: list[int] = field(default_factory=list)  # per decoded token: keys read per head, all passes
+
+    def read(self, t: int, idx: torch.Tensor) -> torch.Tensor:
+        """Output of pass t at positions idx (all within its ring, or sinks): [B, H, len(idx), D]."""
+        if self.ring[t] is None:
+            return self.values[t][:, :, idx]
+        from_ring = self.values[t][:, :, idx % self.ring[t]]
+        # called while position `length` is being decoded: the ring holds length - ring + 1 .. length
+        in_ring = (self.length - idx) < self.ring[t]
+        if bool(in_ring.all()):
+            return from_ring
+        from_sinks = self.sinks[t][:, :, torch.clamp(idx, max=self.sinks[t].shape[2] - 1)]
+        return torch.where(in_ring[None, None, :, None], from_ring, from_sinks)
+
+    def write(self, t: int, p: int, x: torch.Tensor) -> None:
+        """Store the output x [B, H, D] of pass t at position p (= the current length)."""
+        if self.ring[t] is None:
+            self.values[t] = torch.cat([self.values[t], x[:, :, None]], dim=2)
+        else:
+            self.values[t][:, :, p % self.ring[t]] = x
+        if p < self.n_sinks:
+            self.sinks[t] = torch.cat([self.sinks[t], x[:, :, None]], dim=2)
+
+    n_sinks: int = 0
 
 
 def decode_state(cache, layer_idx: int) -> DecodeState | None:
@@ -96,17 +126,23 @@ def register() -> None:
 
         setattr(Cache, method_name, method)
 
+    def each(state, fn):
+        state.values = [fn(x) for x in state.values]
+        state.sinks = [fn(x) for x in state.sinks]
+
     def reorder(state, beam_idx, *a, **k):
-        state.values = [x.index_select(0, beam_idx.to(x.device)) for x in state.values]
+        each(state, lambda x: x.index_select(0, beam_idx.to(x.device)))
 
     def select(state, indices, *a, **k):
-        state.values = [x[indices.to(x.device) if torch.is_tensor(indices) else indices] for x in state.values]
+        each(state, lambda x: x[indices.to(x.device) if torch.is_tensor(indices) else indices])
 
     def repeat(state, repeats, *a, **k):
-        state.values = [x.repeat_interleave(repeats, dim=0) for x in state.values]
+        each(state, lambda x: x.repeat_interleave(repeats, dim=0))
 
     def crop(state, max_length, *a, **k):
         keep = max_length if max_length >= 0 else state.length + max_length
+        if keep < state.length and any(r is not None for r in state.ring):
+            raise NotImplementedError("tensorized decoding keeps ring buffers: a cache cannot be cropped back")
         state.values = [x[:, :, :keep] for x in state.values]
         state.length = min(state.length, keep)
 
@@ -284,8 +320,22 @@ def _prefill(module, opts, query, key, value, scale, cache):
         return tensorized_attn(q, k, v, shape, positions=positions, **kwargs)
     out, values = tensorized_attn_reference(q, k, v, shape, positions=positions, return_values=True,
                                             **{**kwargs, "order": tuple(order)})
+    values = [x.transpose(1, 2) for x in values]  # [B, H, N, D]
+    st = strides(shape)
+    ring = [st[t] if list(order) == list(range(m)) else None for t in range(m - 1)]
+    n_sinks = min(opts["sinks"], N)
+    rings = []
+    for x, r in zip(values, ring):
+        if r is None:
+            rings.append(x.contiguous())
+            continue
+        buf = x.new_zeros(x.shape[0], x.shape[1], r, x.shape[3])
+        last = torch.arange(max(0, N - r), N, device=x.device)
+        buf[:, :, last % r] = x[:, :, last]
+        rings.append(buf)
     _states(cache)[module.layer_idx] = DecodeState(
-        shape=tuple(shape), values=[x.transpose(1, 2).contiguous() for x in values], length=N)
+        shape=tuple(shape), values=rings, ring=ring, sinks=[x[:, :, :n_sinks].contiguous() for x in values],
+        length=N, n_sinks=n_sinks)
     return out
 
 
@@ -351,7 +401,7 @@ def _decode(module, opts, query, key, value, scale, state: DecodeState, past: in
             new = new.to(value.dtype)
             keys_read += scores.shape[-1]
             if t < m - 1:
-                state.values[t] = torch.cat([state.values[t], new[:, :, None]], dim=2)
+                state.write(t, p, new)
             prev = new
         state.length = p + 1
         state.keys_read.append(keys_read)
@@ -363,4 +413,4 @@ def _values_at(value, state, t, idx, G):
     """The input values of pass t at positions idx: [B, H, len(idx), D]."""
     if t == 0:
         return value[:, :, idx].repeat_interleave(G, dim=1)
-    return state.values[t - 1][:, :, idx]
+    return state.read(t - 1, idx)
