@@ -9,6 +9,7 @@ The same suite runs from the command line as ``tensorized-attention bench --suit
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -18,7 +19,6 @@ import torch
 
 from tensorized_attention import suite
 from tensorized_attention.ops.triton import launch
-
 
 FWD_VARIANTS = [
     dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
@@ -39,43 +39,45 @@ BWD_VARIANTS = [
 ]
 
 
-def tune(lengths, out_dir):
-    """Time each forward pass of the Triton backend under several tile settings, then
-    forward+backward with the dq and dk/dv kernels' settings varied one at a time."""
+def _time_forward_passes(shape, N, ceilings):
+    """Each forward pass of ``shape`` alone (bf16, 32 heads, head dim 128), under FWD_VARIANTS."""
     from triton.testing import do_bench
 
     from tensorized_attention.fold import fold_size, strides
 
+    st = strides(shape)
+    q, k, v, src_h = (torch.randn(1, N, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    dst = torch.empty_like(q)
+    lse = torch.empty(32, N, device="cuda", dtype=torch.float32)
+    pass_floor = 4 * q.numel() * 2 / ceilings["copy_bytes_per_s"] * 1e3
+    rows = []
+    for t in range(len(shape)):
+        for variant in FWD_VARIANTS:
+            launch.CONFIG_OVERRIDES["fwd"] = variant
+            cfg = launch.block_config(shape[t], 128)
+            fn = functools.partial(
+                launch.fwd_pass, q, k, v if t == 0 else src_h, dst, None, lse, None, t, shape[t], st[t],
+                fold_size(shape) // st[t], causal=True, complete=True, sinks=0, scale=128**-0.5, cfg=cfg)
+            try:
+                ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+            except Exception as err:  # noqa: BLE001 - a setting that does not compile is reported
+                ms = float("nan")
+                print("   failed:", type(err).__name__, str(err)[:200])
+            rows.append(dict(kind="fwd_pass", shape=shape, t=t, cfg=cfg, ms=ms, x_pass_floor=ms / pass_floor))
+            print(f"fwd pass {t} of {shape} {variant}: {ms:.3f} ms = {ms / pass_floor:.2f} x pass floor", flush=True)
+    launch.CONFIG_OVERRIDES["fwd"] = {}
+    return rows
+
+
+def tune(lengths, out_dir):
+    """Time each forward pass of the Triton backend under several tile settings, then
+    forward+backward with the dq and dk/dv kernels' settings varied one at a time."""
     ceilings = suite.measure_ceilings()
     rows = []
     for N in lengths:
         for ndim in (2, 3):
             shape = suite.choose_shape(N, ndim)
-            st = strides(shape)
-            q, k, v = (torch.randn(1, N, 32, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            src_h = torch.randn_like(q)
-            dst = torch.empty_like(q)
-            lse = torch.empty(32, N, device="cuda", dtype=torch.float32)
-            pass_floor = 4 * q.numel() * 2 / ceilings["copy_bytes_per_s"] * 1e3
-            for t in range(ndim):
-                src = v if t == 0 else src_h
-                for variant in FWD_VARIANTS:
-                    cfg = {**launch.block_config(shape[t], 128), **variant}
-                    cfg["BLOCK_M"] = min(cfg["BLOCK_M"], max(16, 1 << (shape[t] - 1).bit_length()))
-                    cfg["BLOCK_N"] = min(cfg["BLOCK_N"], max(16, 1 << (shape[t] - 1).bit_length()))
-
-                    def fn():
-                        launch.fwd_pass(q, k, src, dst, None, lse, None, t, shape[t], st[t], fold_size(shape) // st[t],
-                                        causal=True, complete=True, sinks=0, scale=128**-0.5, cfg=cfg)
-
-                    try:
-                        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-                    except Exception as err:  # noqa: BLE001 - a setting that does not compile is reported
-                        ms = float("nan")
-                        print("   failed:", type(err).__name__, str(err)[:200])
-                    rows.append(dict(kind="fwd_pass", shape=shape, t=t, cfg=cfg, ms=ms, x_pass_floor=ms / pass_floor))
-                    print(f"fwd pass {t} of {shape} {variant}: {ms:.3f} ms = {ms / pass_floor:.2f} x pass floor", flush=True)
-            del q, k, v, src_h, dst
+            rows += _time_forward_passes(shape, N, ceilings)
             for kernel in ("dq", "dkdv"):
                 for variant in BWD_VARIANTS:
                     launch.CONFIG_OVERRIDES[kernel] = variant

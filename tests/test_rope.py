@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from conftest import random_qkv
 from oracle import dense_pass_mask, oracle, oracle_with_positions
-
 from tensorized_attention import TensorPositions, tensorized_attn
 from tensorized_attention.fold import strides
 from tensorized_attention.rope import pass_positions, rotate, sink_distances

@@ -13,7 +13,6 @@ import torch
 triton = pytest.importorskip("triton")
 
 from oracle import oracle, oracle_in_dtype  # noqa: E402
-
 from tensorized_attention import tensorized_attn  # noqa: E402
 from tensorized_attention.ops.triton import triton_fwd  # noqa: E402
 
@@ -96,7 +95,6 @@ def test_forward_backward_match_oracle(case, dtype):
 
 
 def test_auto_picks_triton_on_cuda_only():
-    q = torch.randn(1, 8, 2, 16, device=DEVICE)
     from tensorized_attention import available_backends
 
     assert available_backends(DEVICE)[0] == ("triton" if CUDA else "reference")

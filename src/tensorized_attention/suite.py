@@ -18,6 +18,7 @@ measured bf16 matrix-product rate, summed over the passes.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import time
@@ -93,11 +94,11 @@ def measure_ceilings(device="cuda") -> dict:
     """Copy bandwidth (bytes read + written per second) and bf16 matmul rate, measured."""
     from triton.testing import do_bench
 
-    x = torch.empty(2**31, dtype=torch.bfloat16, device=device).normal_()  # 4 GiB
-    y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
-    copy_bw = 2 * x.numel() * x.element_size() / (ms * 1e-3)
-    del x, y
+    src = torch.empty(2**31, dtype=torch.bfloat16, device=device).normal_()  # 4 GiB
+    dst = torch.empty_like(src)
+    ms = do_bench(functools.partial(dst.copy_, src), warmup=50, rep=300, return_mode="median")
+    copy_bw = 2 * src.numel() * src.element_size() / (ms * 1e-3)
+    del src, dst
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     b = torch.randn(8192, 8192, dtype=torch.bfloat16, device=device)
     ms = do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
@@ -238,9 +239,8 @@ def run_case(case: Case, ceilings: dict, device="cuda", warmup_ms=25, rep_ms=100
 
 def run_suite(cases: list[Case], *, device="cuda", out_path=None, progress=True, command="") -> dict:
     """Run every case; returns (and writes, with ``out_path``) {device, ceilings, rows}."""
-    from tqdm import tqdm
-
     import triton
+    from tqdm import tqdm
 
     ceilings = measure_ceilings(device)
     props = torch.cuda.get_device_properties(device)

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..ops.reference import tensorized_attn_reference
-from ..ops.dispatch import tensorized_attn
 from ..fold import strides
+from ..ops.dispatch import tensorized_attn
+from ..ops.reference import tensorized_attn_reference
 from ..rope import TensorPositions, pass_positions, rotate, sink_distances
-from .options import num_dims, options_of, resolve_fold
+from .options import options_of, resolve_fold
 
 __all__ = ["register", "enable", "from_pretrained", "gate_of", "tensorized_attention_forward", "tensorized_mask",
            "decode_state"]
@@ -371,7 +371,8 @@ def _decode(module, opts, query, key, value, scale, state: DecodeState, past: in
             a = p // s
             count = min(n, a + 1) if opts["mode"] == "complete" else (a % n) + 1
             idx = p - s * torch.arange(count, device=query.device)  # the pass's keys, nearest first
-            sink_idx = [j for j in range(min(sinks, p + 1)) if j not in set(idx.tolist())]
+            in_pass = set(idx.tolist())
+            sink_idx = [j for j in range(min(sinks, p + 1)) if j not in in_pass]
             keys = key[:, :, idx].repeat_interleave(G, dim=1)  # [B, H, count, D]
             vals = _values_at(value, state, t, idx, G)
             q_t = q_p

@@ -101,7 +101,6 @@ def triton_fwd(
     2..m, attn [m, B, N, H, D] = the attention output of each pass (gate only), lse
     [m, B*H, N] float32; the last three are empty unless ``for_backward``."""
     B, N, H, D = q.shape
-    Hkv = k.shape[2]
     m = len(shape)
     P = fold_size(shape)
     st = strides(shape)
