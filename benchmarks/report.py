@@ -54,7 +54,7 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, backward in zip(axes, (False, True)):
+    for ax, backward in zip(axes, (False, True), strict=True):
         series = {}
         for r in rows:
             if r["kv_heads"] != 32 or r["backward"] != backward or "ms" not in r or r["method"] == "reference":

@@ -23,19 +23,15 @@ from tensorized_attention.ops.triton import launch
 FWD_VARIANTS = [
     dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3),
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
 ]
 BWD_VARIANTS = [
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
     dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
 ]
 
 
@@ -53,8 +49,9 @@ def _time_forward_passes(shape, N, ceilings):
     rows = []
     for t in range(len(shape)):
         for variant in FWD_VARIANTS:
-            launch.CONFIG_OVERRIDES["fwd"] = variant
-            cfg = launch.block_config(shape[t], 128)
+            kernel = "fwd_contiguous" if st[t] == 1 else "fwd"
+            launch.CONFIG_OVERRIDES[kernel] = variant
+            cfg = launch.block_config(shape[t], 128, kernel)
             fn = functools.partial(
                 launch.fwd_pass, q, k, v if t == 0 else src_h, dst, None, lse, None, t, shape[t], st[t],
                 fold_size(shape) // st[t], causal=True, complete=True, sinks=0, scale=128**-0.5, cfg=cfg)
@@ -65,17 +62,17 @@ def _time_forward_passes(shape, N, ceilings):
                 print("   failed:", type(err).__name__, str(err)[:200])
             rows.append(dict(kind="fwd_pass", shape=shape, t=t, cfg=cfg, ms=ms, x_pass_floor=ms / pass_floor))
             print(f"fwd pass {t} of {shape} {variant}: {ms:.3f} ms = {ms / pass_floor:.2f} x pass floor", flush=True)
-    launch.CONFIG_OVERRIDES["fwd"] = {}
+            launch.CONFIG_OVERRIDES[kernel] = {}
     return rows
 
 
-def tune(lengths, out_dir):
+def tune(lengths, ndims, out_dir):
     """Time each forward pass of the Triton backend under several tile settings, then
     forward+backward with the dq and dk/dv kernels' settings varied one at a time."""
     ceilings = suite.measure_ceilings()
     rows = []
     for N in lengths:
-        for ndim in (2, 3):
+        for ndim in ndims:
             shape = suite.choose_shape(N, ndim)
             rows += _time_forward_passes(shape, N, ceilings)
             for kernel in ("dq", "dkdv"):
@@ -109,7 +106,7 @@ def main(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     if args.tune:
-        return tune(ints(args.lengths), os.path.dirname(args.out) or ".")
+        return tune(ints(args.lengths), ints(args.ndims), os.path.dirname(args.out) or ".")
     cases = suite.registry(
         ints(args.lengths), kv_heads=ints(args.kv_heads), ndims=ints(args.ndims),
         modes=args.modes.split(","), methods=args.methods.split(","),

@@ -139,7 +139,7 @@ def test_decode_step_reads_sum_of_fold_keys():
     # DESIGN.md §4: with the coarse pass first, pass t's output lives in a ring of s_t positions
     assert [x.shape[2] for x in state.values] == [32, 4]
     reads = state.keys_read
-    for step, p in zip(reads, range(160, 200)):
+    for step, p in zip(reads, range(160, 200), strict=True):
         assert step == (p // 32 + 1) + 8 + 4  # the coarse dimension grows with the length: n_1 = p // 32 + 1
 
 

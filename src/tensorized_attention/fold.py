@@ -80,7 +80,7 @@ def coordinates(positions: torch.Tensor | int, shape: Sequence[int]) -> torch.Te
     positions = torch.as_tensor(positions)
     if positions.is_floating_point() or positions.is_complex():
         raise TypeError(f"positions must be integers, got dtype {positions.dtype}")
-    coords = [(positions // s) % n for n, s in zip(shape, strides(shape))]
+    coords = [(positions // s) % n for n, s in zip(shape, strides(shape), strict=True)]
     return torch.stack(coords, dim=-1)
 
 

@@ -325,7 +325,7 @@ def _prefill(module, opts, query, key, value, scale, cache):
     ring = [st[t] if list(order) == list(range(m)) else None for t in range(m - 1)]
     n_sinks = min(opts["sinks"], N)
     rings = []
-    for x, r in zip(values, ring):
+    for x, r in zip(values, ring, strict=True):
         if r is None:
             rings.append(x.contiguous())
             continue

@@ -26,8 +26,8 @@ from .kernels import LOG2E, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_sink_kernel, 
 SINK_CHUNK = 4096  # positions summed by one program of the sink-gradient kernel
 
 # Tile settings forced over the defaults (keys of block_config's result), for tuning runs:
-# {"fwd": {...}, "bwd": {...}}. Empty in normal use.
-CONFIG_OVERRIDES: dict[str, dict] = {"fwd": {}, "dq": {}, "dkdv": {}}
+# {"fwd": {...}, "dq": {...}, ...}. Empty in normal use.
+CONFIG_OVERRIDES: dict[str, dict] = {"fwd": {}, "fwd_contiguous": {}, "dq": {}, "dkdv": {}}
 
 
 def _interpreting() -> bool:
@@ -35,25 +35,28 @@ def _interpreting() -> bool:
 
 
 # Tile settings (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for head dims up to
-# 128 and above: the fastest measured on an H100 (docs/benchmarks.md, h100_tune_131k.json).
+# 128 and above: the fastest measured on an H100 (docs/benchmarks.md, h100_tune_131k*.json).
+# "fwd_contiguous" is the forward of the pass along the contiguous dimension (stride 1).
 TILES = {
     "fwd": ((128, 32, 4, 3), (64, 32, 4, 2)),
+    "fwd_contiguous": ((64, 64, 4, 3), (64, 32, 4, 2)),
     "dq": ((64, 64, 4, 2), (32, 32, 4, 1)),
-    "dkdv": ((64, 64, 4, 2), (32, 32, 4, 1)),
+    "dkdv": ((32, 64, 4, 3), (32, 32, 4, 1)),
 }
 
 
 def block_config(n: int, head_dim: int, kernel: str = "fwd") -> dict:
-    """Tile sizes of kernel ``"fwd"``, ``"dq"`` or ``"dkdv"`` for a pass of fiber size ``n``
-    (a function of the shapes alone; tiles never exceed the fiber rounded up to a power of two)."""
+    """Tile sizes of kernel ``"fwd"``, ``"fwd_contiguous"``, ``"dq"`` or ``"dkdv"`` for a pass of
+    fiber size ``n`` (a function of the shapes alone; tiles never exceed the fiber rounded up
+    to a power of two)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     small = max(16, triton.next_power_of_2(n))
     if _interpreting():
         bm = bn = 16 if n <= 16 else 32
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=1)
     bm, bn, warps, stages = TILES[kernel][0 if block_d <= 128 else 1]
-    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
-               **CONFIG_OVERRIDES[kernel])
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+    cfg.update(CONFIG_OVERRIDES[kernel])
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], small)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], small)
     return cfg
@@ -74,7 +77,7 @@ def fwd_pass(q, k, src, dst, attn, lse, gate, t, n, s, A, *, causal, complete, s
     ``dst`` (and the attention output ``attn`` when given, gated passes), and ``lse``."""
     B, N, H, D = q.shape
     n_sinks, block_s = _sink_block(sinks, N)
-    cfg = cfg or block_config(n, D)
+    cfg = cfg or block_config(n, D, "fwd_contiguous" if s == 1 else "fwd")
     gate_arg = gate if gate is not None else lse
     grid = (triton.cdiv(A, cfg["BLOCK_M"]) * s * B * H,)
     wrap_triton(_fwd_kernel)[grid](
