@@ -212,6 +212,13 @@ def test_build_dedups_splits_and_writes_token_files(tmp_path, tok_dir, tokenizer
     assert "sha256" in on_disk["split"]["rule"]
     assert on_disk["totals"]["tokens"] == sum(r["tokens"] for r in rows)
     assert on_disk["totals"]["tokens_files_bytes"] == sum((out / f"{s}.bin").stat().st_size for s in corpus.SPLITS)
+    for split in corpus.SPLITS:
+        digest = hashlib.sha256((out / f"{split}.bin").read_bytes()).hexdigest()
+        assert on_disk["splits"][split]["tokens_file_sha256"] == digest
+    summary = corpus.manifest_summary(on_disk)
+    assert {r["id"] for r in summary["documents"]} == {
+        r["id"] for r in rows if r["split"] != "train" or r["tokens"] >= LONG}
+    assert summary["splits"] == on_disk["splits"] and "documents_note" in summary
     table = corpus.format_table(on_disk)
     assert "alpha" in table and "beta" in table and "total" in table
 
@@ -404,6 +411,10 @@ def test_debian_source_unpacks_a_cached_deb(tmp_path, monkeypatch):
                                                                   "usr/share/doc/fake-doc/html/*.html"),
                                  licence="fallback")
     data = source.fetch(tmp_path / "dl")
+    everything = corpus.DebianSource("fake-doc", "fake-doc", include=("*",)).fetch(tmp_path / "dl")
+    assert sorted(d.path for d in everything.documents) == [
+        "copyright", "guide.txt.gz", "html/page.html"]  # not the image, not the unpacking marker
+    assert everything.skipped == [{"path": "image.png", "reason": "binary (NUL bytes)"}]
     assert [(d.id, d.text) for d in data.documents] == [
         ("fake-doc/guide.txt.gz", "A guide.\n"), ("fake-doc/html/page.html", "A <page>.\n")]
     assert data.version == "1.2-3" and data.licence == "GPL-2" and data.kind == "debian"

