@@ -33,6 +33,7 @@ OPTIONS = [
     {"shape": [None, 3, 2], "mode": "complete", "gate": [0.7, None, 0.4], "sinks": 2},
     {"shape": [None, 5], "mode": "block", "sinks": 3, "gate": [0.88, None]},
     {"shape": [None, 4], "mode": "complete", "positions": "sequence", "sinks": 1},
+    hf.window_options(4, sinks=2),
 ]
 
 
@@ -73,6 +74,34 @@ def test_same_logits_as_calling_the_operator_by_hand(family, options):
         ours = model(ids).logits
     # the model's gate is sigmoid of a float32 logit parameter: equal to ~1e-8
     torch.testing.assert_close(ours, manual, rtol=1e-6, atol=1e-6)
+
+
+def test_window_options_are_a_sliding_window_with_sinks():
+    """window_options(W, S): each query reads its last W positions and the first S, nothing else."""
+    W, S = 5, 2
+
+    def dense_window(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        N = query.shape[2]
+        p = torch.arange(N)
+        allowed = (p[None, :] <= p[:, None]) & ((p[:, None] - p[None, :] < W) | (p[None, :] < S))
+        group = query.shape[1] // key.shape[1]
+        k, v = (x.repeat_interleave(group, dim=1) for x in (key, value))
+        scores = (query @ k.transpose(-1, -2)) * scaling
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        return (weights @ v).transpose(1, 2), None
+
+    model = _tiny()
+    ids = torch.randint(0, 97, (2, 23))
+    AttentionInterface.register("dense_window", dense_window)
+    model.set_attn_implementation("dense_window")
+    with torch.no_grad():
+        dense = model(ids).logits
+    hf.enable(model, {**hf.window_options(W, sinks=S), "positions": "sequence"})
+    with torch.no_grad():
+        ours = model(ids).logits
+    torch.testing.assert_close(ours, dense, rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(hf.gate_of(layer.self_attn, hf.options_of(model.config))[:, 0], torch.ones(4))
+               for layer in model.model.layers)
 
 
 @pytest.mark.parametrize("options", OPTIONS[:3], ids=lambda o: str(o["shape"]))

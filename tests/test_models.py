@@ -23,54 +23,13 @@ pytest.importorskip("tokenizers")
 
 from tensorized_attention import models, perplexity  # noqa: E402
 from tensorized_attention.cli import main  # noqa: E402
-
-LINES = [
-    "Of Mans First Disobedience, and the Fruit",
-    "Of that Forbidden Tree, whose mortal tast",
-    "Brought Death into the World, and all our woe,",
-    "With loss of EDEN, till one greater Man",
-    "Restore us, and regain the blissful Seat,",
-]
-TEXT = "\n".join(LINES * 8) + "\n"
-SPECIALS = ["<|endoftext|>", "<s>", "</s>"]
-
-
-def _bpe_tokenizer():
-    """A byte-level BPE (GPT-2 style, round-trips any text), 300 tokens, trained on LINES."""
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
-    from tokenizers import models as tok_models
-
-    tok = Tokenizer(tok_models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(LINES * 3, trainer)
-    return tok
-
-
-def _tiny_config(vocab_size):
-    return transformers.LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
-    )
+from tiny_model import SPECIALS, TEXT, bpe_tokenizer, save_tiny_checkpoint, tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    """A random 2-layer Llama (hidden 64, 4 heads, 2 kv heads) and its tokenizer, saved with
-    save_pretrained; returns the directory."""
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tok = _bpe_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(_tiny_config(tok.get_vocab_size()))
-    model.save_pretrained(path)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<|endoftext|>").save_pretrained(path)
-    return path
+    """The tiny model and its tokenizer (tests/tiny_model.py), saved; returns the directory."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")
@@ -187,9 +146,9 @@ def test_gguf_file_converted_once_into_the_cache(tmp_path, monkeypatch):
     pytest.importorskip("accelerate")  # transformers loads GGUF files only with accelerate
     from transformers import LlamaForCausalLM
 
-    tok = _bpe_tokenizer()
+    tok = bpe_tokenizer()
     torch.manual_seed(1)
-    config = _tiny_config(tok.get_vocab_size())
+    config = tiny_config(tok.get_vocab_size())
     reference = LlamaForCausalLM(config).eval()
     package = tmp_path / "site" / "tiny_gguf_pkg"
     package.mkdir(parents=True)

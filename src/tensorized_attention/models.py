@@ -38,6 +38,7 @@ __all__ = [
     "GGUF_PACKAGE",
     "MODELS",
     "cache_root",
+    "checkpoint_path",
     "convert_gguf",
     "find_gguf",
     "load_model",
@@ -227,6 +228,22 @@ def _converted(name: str, cache_dir, *, progress: bool = True) -> Path:
     return convert_gguf(gguf_path, out)
 
 
+def checkpoint_path(name_or_path: str | os.PathLike = DEFAULT_MODEL, *, cache_dir=None,
+                    progress: bool = True) -> Path:
+    """Where :func:`load_model` reads ``name_or_path`` from: the converted checkpoint of a
+    named model (converted now if needed), a checkpoint directory, or a ``.gguf`` file."""
+    name = os.fspath(name_or_path)
+    if name in MODELS:
+        return _converted(name, cache_dir, progress=progress)
+    path = Path(name).expanduser()
+    if (path.is_file() and path.suffix == ".gguf") or path.is_dir():
+        return path
+    raise FileNotFoundError(
+        f"{name!r} is neither a named model ({', '.join(sorted(MODELS))}), nor a .gguf file, "
+        f"nor a checkpoint directory"
+    )
+
+
 def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -263,19 +280,10 @@ def load_model(
     if attn_implementation is not None:
         extra["attn_implementation"] = attn_implementation
 
-    name = os.fspath(name_or_path)
-    if name in MODELS:
-        path = _converted(name, cache_dir)
-    else:
-        path = Path(name).expanduser()
-        if path.is_file() and path.suffix == ".gguf":
-            model, tokenizer = _load_gguf(path, **extra)
-            return model.to(device=device, dtype=dtype).eval(), tokenizer
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"{name!r} is neither a named model ({', '.join(sorted(MODELS))}), nor a .gguf file, "
-                f"nor a checkpoint directory"
-            )
+    path = checkpoint_path(name_or_path, cache_dir=cache_dir)
+    if path.is_file():  # a .gguf file
+        model, tokenizer = _load_gguf(path, **extra)
+        return model.to(device=device, dtype=dtype).eval(), tokenizer
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **_dtype_kwargs(dtype), **extra)
     return model.to(device).eval(), tokenizer

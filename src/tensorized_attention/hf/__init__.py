@@ -15,7 +15,7 @@ from .attention import (
     tensorized_attention_forward,
     tensorized_mask,
 )
-from .options import DEFAULTS, PRESETS, options_of, resolve_fold
+from .options import DEFAULTS, PRESETS, options_of, resolve_fold, window_options
 
 __all__ = [
     "DEFAULTS",
@@ -29,4 +29,5 @@ __all__ = [
     "resolve_fold",
     "tensorized_attention_forward",
     "tensorized_mask",
+    "window_options",
 ]

@@ -199,14 +199,15 @@ def _add_gate(module, opts) -> None:
     if opts["gate"] is None or module.layer_idx in opts["full_attention_layers"]:
         return
     heads = module.config.num_attention_heads
-    init = torch.tensor([math.log(g / (1 - g)) if g is not None else 0.0 for g in opts["gate"]])
+    init = torch.tensor([math.log(g / (1 - g)) if g is not None and g < 1 else 0.0 for g in opts["gate"]])
     if getattr(module, GATE_PARAM, None) is None:
         device = module.o_proj.weight.device
         module.register_parameter(GATE_PARAM, torch.nn.Parameter(init.expand(heads, -1).clone().to(device)))
 
 
 def gate_of(module, opts) -> torch.Tensor | None:
-    """The layer's gate, [heads, m] in [0, 1] (0 for passes configured without a gate)."""
+    """The layer's gate, [heads, m] in [0, 1] (0 for passes configured without a gate, 1 for
+    passes configured off)."""
     if opts["gate"] is None:
         return None
     logit = getattr(module, GATE_PARAM, None)
@@ -215,7 +216,9 @@ def gate_of(module, opts) -> torch.Tensor | None:
             f"layer {module.layer_idx}: config.tensorized_attention has a gate but the layer has no "
             f"'{GATE_PARAM}' parameter; call tensorized_attention.hf.enable(model) after loading")
     active = torch.tensor([g is not None for g in opts["gate"]], device=logit.device)
-    return torch.where(active, torch.sigmoid(logit.float()), torch.zeros((), device=logit.device))
+    fixed = torch.tensor([g is not None and float(g) == 1.0 for g in opts["gate"]], device=logit.device)
+    gate = torch.where(active, torch.sigmoid(logit.float()), torch.zeros((), device=logit.device))
+    return torch.where(fixed, torch.ones((), device=logit.device), gate)
 
 
 # ------------------------------------------------------------------------------- the mask

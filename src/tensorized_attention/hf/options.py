@@ -8,7 +8,7 @@ from typing import Any
 
 from ..fold import check_shape, choose_shape
 
-__all__ = ["DEFAULTS", "PRESETS", "options_of", "resolve_fold"]
+__all__ = ["DEFAULTS", "PRESETS", "options_of", "resolve_fold", "window_options"]
 
 DEFAULTS: dict[str, Any] = {
     # a fold (n_1, ..., n_m); its first entry may be None ("as many as the length needs"),
@@ -20,7 +20,9 @@ DEFAULTS: dict[str, Any] = {
     "mode": "complete",  # or "block"
     "order": None,  # default range(m): coarsest first (the order cached decoding is built for)
     "positions": "tensor",  # rotary at p // s_j (DESIGN.md §3), or "sequence": the model's own RoPE
-    "gate": None,  # None, or the initial gate per pass (None entries: that pass has no gate)
+    # None, or per pass: None (no gate), an initial gate in (0, 1) (learned, as a logit), or
+    # exactly 1 (fixed: the pass is off, its input goes through unchanged)
+    "gate": None,
     "sinks": 0,
     "full_attention_layers": [],  # layer indices that keep full (SDPA) attention
 }
@@ -39,6 +41,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "full_attention_layers": [],
     },
 }
+
+
+def window_options(width: int, sinks: int = 0) -> dict[str, Any]:
+    """A causal sliding window of ``width`` keys plus ``sinks`` sinks, as tensorized options:
+    the fold (None, width) with its coarse pass off (gate exactly 1), so the contiguous pass,
+    a window of ``width`` keys, is all that runs: the control of the long-range passes
+    (same width, same sinks, same positions). The coarse pass is still computed, then
+    discarded: time it with care."""
+    return {"shape": [None, int(width)], "mode": "complete", "order": [0, 1], "positions": "tensor",
+            "gate": [1.0, None], "sinks": int(sinks), "full_attention_layers": []}
 
 
 def options_of(config) -> dict[str, Any]:
@@ -61,9 +73,9 @@ def options_of(config) -> dict[str, Any]:
     m = num_dims(opts)
     gate = opts["gate"]
     if gate is not None:
-        if len(gate) != m or any(g is not None and not 0.0 < float(g) < 1.0 for g in gate):
-            raise ValueError(f"config.tensorized_attention['gate'] must be None or {m} entries, each None or in (0, 1), "
-                             f"got {gate!r}")
+        if len(gate) != m or any(g is not None and not 0.0 < float(g) <= 1.0 for g in gate):
+            raise ValueError(f"config.tensorized_attention['gate'] must be None or {m} entries, each None, in (0, 1) "
+                             f"or exactly 1 (the pass off), got {gate!r}")
     return opts
 
 
