@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -295,15 +294,16 @@ def test_cli_perplexity_text_and_tokens(tiny_checkpoint, tmp_path, capsys):
             "--stride", "8", "--max-windows", "5", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "perplexity:" in printed and str(out) in printed
+    assert "perplexity" in printed and str(out) in printed
     data = json.loads(out.read_text())
     assert data["command"] == "tensorized-attention " + " ".join(argv)
-    assert data["attention"] == "full" and data["attn_implementation"] == "sdpa"
-    assert data["context"] == 32 and data["stride"] == 8 and data["windows"] == 5
-    assert data["scored_tokens"] == 31 + 4 * 8 and data["tokens_processed"] == 5 * 32
-    assert data["perplexity"] == pytest.approx(math.exp(data["mean_nll"]))
+    assert data["attention"] == "full" and data["setup"]["attn_implementation"] == "sdpa"
+    [result] = data["results"]
+    assert result["context"] == 32 and result["stride"] == 8 and result["windows"] == 5
+    assert result["scored_tokens"] == 31 + 4 * 8 and result["tokens_processed"] == 5 * 32
+    assert result["perplexity"] == pytest.approx(math.exp(result["mean_nll"]))
     assert data["dtype"] == "float32" and data["device"]["device"] == "cpu"
-    assert data["options"] is None and len(data["per_window"]) == 5
+    assert data["options_resolved"] is None and result["documents"] == 1
     assert data["source"]["tokens_total"] > 100
 
     # the same tokens from a .npy and a raw uint16 .bin file give the same numbers
@@ -314,55 +314,74 @@ def test_cli_perplexity_text_and_tokens(tiny_checkpoint, tmp_path, capsys):
     for name in ("t.npy", "t.bin"):
         out2 = tmp_path / f"{name}.json"
         assert main([*argv[:1], "--tokens", str(tmp_path / name), *argv[3:-1], str(out2)]) == 0
-        again = json.loads(out2.read_text())
-        assert again["scored_tokens"] == data["scored_tokens"]
-        assert again["mean_nll"] == pytest.approx(data["mean_nll"], rel=1e-6)
+        [again] = json.loads(out2.read_text())["results"]
+        assert again["scored_tokens"] == result["scored_tokens"]
+        assert again["mean_nll"] == pytest.approx(result["mean_nll"], rel=1e-6)
 
 
-def test_cli_perplexity_errors(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+def test_cli_perplexity_corpus_documents_and_contexts(tiny_checkpoint, tmp_path):
+    """--data: each document of the split in its own windows, every context of the list
+    over the same documents (those of at least the longest context)."""
+    from tensorized_attention import corpus
+
+    _, tokenizer = models.load_model(tiny_checkpoint)
+    docs = [corpus.Document(id=f"d{i}", source="local", path=f"d{i}.txt", text=TEXT[: 200 + 300 * i])
+            for i in range(4)]
+    corpus.build_corpus(docs, tokenizer, tmp_path / "c", test_fraction=1.0, val_fraction=0.0, progress=False)
+    split = corpus.load_split(tmp_path / "c", "test")
+    lengths = dict(zip(split.ids, split.lengths().tolist(), strict=True))
+    out = tmp_path / "ppl.json"
+    assert main(["perplexity", "--data", str(tmp_path / "c"), "--model", str(tiny_checkpoint),
+                 "--context", "16,64", "--no-progress", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    read = [d for d in lengths if lengths[d] >= 64]
+    assert data["source"]["documents"] == len(read) >= 2
+    for result in data["results"]:
+        assert [d["id"] for d in result["per_document"]] == read
+        assert result["windows"] == sum(-(-lengths[d] // result["context"]) for d in read)
+        # pooled: the mean over every scored token of every document
+        pooled = sum(d["mean_nll"] * d["scored"] for d in result["per_document"]) / result["scored_tokens"]
+        assert result["mean_nll"] == pytest.approx(pooled, rel=1e-9)
+
+
+def test_cli_perplexity_errors(tiny_checkpoint, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     base = ["perplexity", "--text", str(text), "--model", str(tiny_checkpoint), "--context", "16",
             "--out", str(tmp_path / "x.json"), "--no-progress"]
     assert main([*base, "--stride", "17"]) == 2
     assert "--stride (17) must not exceed --context (16)" in capsys.readouterr().err
-    assert main([*base, "--tensorized", '{"mode": "block"}']) == 2
-    assert "only with --attn tensorized" in capsys.readouterr().err
-    assert main([*base, "--attn", "tensorized", "--tensorized", "{not json"]) == 2
-    assert "not valid JSON" in capsys.readouterr().err
-    # without the Hugging Face integration, --attn tensorized says so
-    import tensorized_attention
-
-    monkeypatch.setitem(sys.modules, "tensorized_attention.hf", None)
-    monkeypatch.delattr(tensorized_attention, "hf", raising=False)
-    assert main([*base, "--attn", "tensorized"]) == 2
-    assert "tensorized_attention.hf" in capsys.readouterr().err
+    assert main([*base, "--attention", "tensorized:{not json"]) == 2
+    assert "preset name or a JSON object" in capsys.readouterr().err
+    assert main([*base, "--attention", "tensorized:{\"no_such_option\": 1}"]) == 2
+    assert "unknown keys" in capsys.readouterr().err
+    assert main([*base, "--min-doc-tokens", "100000"]) == 2
+    assert "no document of at least 100000 tokens" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
 
 
 def test_cli_perplexity_tensorized(tiny_checkpoint, tmp_path):
-    """--attn tensorized: the options reach model.config.tensorized_attention. A fold of one
-    dimension covering the window is full causal attention: the same perplexity."""
+    """--attention tensorized: the options reach model.config.tensorized_attention. A fold of
+    one dimension covering the window is full causal attention: the same perplexity."""
     pytest.importorskip("tensorized_attention.hf")
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     base = ["perplexity", "--text", str(text), "--model", str(tiny_checkpoint), "--context", "32",
             "--max-windows", "3", "--no-progress"]
-    assert main([*base, "--out", str(tmp_path / "full.json")]) == 0
-    full = json.loads((tmp_path / "full.json").read_text())
-    assert main([*base, "--attn", "tensorized", "--tensorized", '{"shape": [null]}',
-                 "--out", str(tmp_path / "one.json")]) == 0
-    one = json.loads((tmp_path / "one.json").read_text())
-    assert one["attn_implementation"] == "tensorized" and one["options"] == {"shape": [None]}
-    assert one["options_resolved"]["shape"] == [None] and one["fold"] == [32]
-    assert one["mean_nll"] == pytest.approx(full["mean_nll"], rel=1e-4)
-    assert main([*base, "--attn", "tensorized", "--tensorized", '{"shape": [null, 8], "sinks": 2}',
-                 "--out", str(tmp_path / "two.json")]) == 0
-    two = json.loads((tmp_path / "two.json").read_text())
-    assert two["fold"] == [4, 8] and two["options_resolved"]["sinks"] == 2
-    assert two["scored_tokens"] == full["scored_tokens"] and math.isfinite(two["mean_nll"])
-    assert main([*base, "--attn", "tensorized", "--tensorized", '{"no_such_option": 1}',
-                 "--out", str(tmp_path / "bad.json")]) == 2
+
+    def run(attention, name):
+        assert main([*base, "--attention", attention, "--out", str(tmp_path / name)]) == 0
+        return json.loads((tmp_path / name).read_text())
+
+    full = run("full", "full.json")["results"][0]
+    one = run('tensorized:{"shape": [null]}', "one.json")
+    assert one["setup"]["attn_implementation"] == "tensorized" and one["setup"]["options"] == {"shape": [None]}
+    assert one["options_resolved"]["shape"] == [None] and one["results"][0]["fold"] == [256]
+    assert one["results"][0]["mean_nll"] == pytest.approx(full["mean_nll"], rel=1e-4)
+    two = run('tensorized:{"shape": [null, 8], "sinks": 2}', "two.json")
+    assert two["results"][0]["fold"] == [32, 8] and two["options_resolved"]["sinks"] == 2
+    assert two["results"][0]["scored_tokens"] == full["scored_tokens"]
+    assert math.isfinite(two["results"][0]["mean_nll"])
 
 
 # ------------------------------------------------------------------------ the real model

@@ -15,7 +15,6 @@ Commands:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -160,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "perplexity",
-        help="perplexity of a pretrained model over a long text, with full or tensorized attention",
+        help="perplexity of a pretrained model over long texts, with the attention of --attention",
         description=(
-            "Tokenize --text (or read --tokens), cut the tokens into windows of --context tokens "
+            "Tokenize --text (or read --tokens, or the documents of a corpus split with --data), cut "
+            "each document into windows of --context tokens (each context of a comma list in turn) "
             "starting every --stride tokens, run the model on each window (no cache, logits of all "
             "positions) and score each token once, in the first window that predicts it: with "
             "--stride = --context (the default) non-overlapping windows scored on all their "
@@ -171,35 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", metavar="FILE", help="a UTF-8 text file, tokenized whole without special tokens")
-    source.add_argument("--tokens", metavar="FILE",
-                        help="token ids: a 1-D .npy array, or raw integers (.bin, see --tokens-dtype)")
-    p.add_argument("--tokens-dtype", default="uint16", help="integer type of the ids in a raw --tokens file")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="a named model (smollm2-135m), a Hugging Face checkpoint directory, or a .gguf file")
-    p.add_argument("--context", type=_positive, default=2048, help="tokens per window")
-    p.add_argument("--stride", type=_positive, default=None,
-                   help="tokens between window starts; None: --context, non-overlapping windows")
-    p.add_argument("--attn", choices=("full", "eager", "tensorized"), default="full",
-                   help="full: attn_implementation='sdpa'; eager: transformers' plain attention; "
-                        "tensorized: attn_implementation='tensorized' (tensorized_attention.hf)")
-    p.add_argument("--tensorized", default=None, metavar="JSON",
-                   help="options of tensorized attention, a JSON object put into "
-                        "model.config.tensorized_attention (e.g. '{\"shape\": null, \"mode\": \"complete\"}'), "
-                        "or the name of a preset of tensorized_attention.hf; only with --attn tensorized")
-    p.add_argument("--max-windows", type=_positive, default=None, help="evaluate the first K windows only")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda when available, else cpu")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--cache-dir", default=None,
-                   help="base directory of converted models (default: $TENSORIZED_ATTENTION_CACHE or "
-                        "~/.cache/tensorized-attention)")
-    p.add_argument("--threads", type=_positive, default=None,
-                   help="CPU threads for torch (torch.set_num_threads); default: torch's own choice")
-    p.add_argument("--out", default=os.path.join("results", "perplexity.json"), help="the JSON file to write")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_perplexity)
+    from . import perplexity
+
+    perplexity.add_arguments(p)
+    p.set_defaults(func=perplexity.run)
 
     c = sub.add_parser(
         "corpus",
@@ -356,189 +331,6 @@ def _bench(args: argparse.Namespace, command: str) -> int:
         except ImportError:
             print("no plot: matplotlib is not installed (pip install 'tensorized-attention[plot]')")
     print(f"done in {elapsed:.1f} s")
-    return 0
-
-
-def _parse_tensorized(text: str | None):
-    """``--tensorized``: a JSON object (a dict), or a preset name (a string); None: {}."""
-    if text is None:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as err:
-        if text.strip().isidentifier():  # a bare preset name
-            return text.strip()
-        raise ValueError(f"--tensorized is not valid JSON ({err}): {text!r}") from None
-    if not isinstance(value, (dict, str)):
-        raise ValueError(f"--tensorized must be a JSON object (or a preset name), got {text!r}")
-    return value
-
-
-def _read_tokens(path: str, dtype: str):
-    import numpy as np
-
-    if path.endswith(".npy"):
-        array = np.load(path, allow_pickle=False)
-    else:
-        array = np.fromfile(path, dtype=np.dtype(dtype))
-    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(f"{path}: expected a 1-D array of integer token ids, got {array.dtype} {array.shape}")
-    return array.astype(np.int64)
-
-
-def _file_sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _perplexity(args: argparse.Namespace, command: str) -> int:
-    import torch
-
-    from . import bench, models, perplexity
-
-    def fail(message: str) -> int:
-        print(f"{PROG} perplexity: error: {message}", file=sys.stderr)
-        return 2
-
-    if args.stride is not None and args.stride > args.context:
-        return fail(f"--stride ({args.stride}) must not exceed --context ({args.context})")
-    try:
-        options = _parse_tensorized(args.tensorized)
-    except ValueError as err:
-        return fail(str(err))
-    if args.tensorized is not None and args.attn != "tensorized":
-        return fail("--tensorized applies only with --attn tensorized")
-    hf = None
-    if args.attn == "tensorized":
-        import importlib
-
-        try:
-            hf = importlib.import_module(f"{__package__}.hf")
-        except ImportError as err:
-            return fail(f"--attn tensorized needs the Hugging Face integration tensorized_attention.hf, "
-                        f"which cannot be imported here ({err})")
-        hf.register()
-    try:
-        device = bench.resolve_device(args.device)
-    except RuntimeError as err:
-        return fail(str(err))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
-    implementation = {"full": "sdpa", "eager": "eager", "tensorized": "tensorized"}[args.attn]
-    start = time.perf_counter()
-    try:
-        model, tokenizer = models.load_model(
-            args.model, dtype=None if args.dtype == "auto" else args.dtype,
-            attn_implementation=implementation, device=device, cache_dir=args.cache_dir,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        return fail(str(err))
-    if hf is not None:
-        try:
-            if hasattr(hf, "enable"):  # stores the options, adds gate parameters where asked
-                hf.enable(model, options)
-            else:
-                model.config.tensorized_attention = options
-        except (TypeError, ValueError) as err:
-            return fail(f"--tensorized: {err}")
-    load_s = time.perf_counter() - start
-    dtype = next(model.parameters()).dtype
-
-    start = time.perf_counter()
-    if args.text is not None:
-        with open(args.text, encoding="utf-8") as f:
-            text = f.read()
-        tokens = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-        source = {"text": args.text, "characters": len(text), "sha256": _file_sha256(args.text)}
-    else:
-        try:
-            tokens = _read_tokens(args.tokens, args.tokens_dtype)
-        except (ValueError, TypeError) as err:
-            return fail(str(err))
-        vocab = model.get_input_embeddings().num_embeddings
-        if len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
-            return fail(f"{args.tokens}: token ids must lie in [0, {vocab}), found "
-                        f"{int(tokens.min())} .. {int(tokens.max())}")
-        source = {"tokens": args.tokens, "sha256": _file_sha256(args.tokens)}
-    tokenize_s = time.perf_counter() - start
-    source["tokens_total"] = len(tokens)
-    if len(tokens) < 2:
-        return fail("fewer than 2 tokens to evaluate")
-
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    config_options = getattr(model.config, "tensorized_attention", None) if args.attn == "tensorized" else None
-    resolved = None
-    if hf is not None and hasattr(hf, "options_of"):
-        try:
-            resolved = hf.options_of(model.config)
-        except (TypeError, ValueError) as err:
-            return fail(f"--tensorized: {err}")
-    stride = args.stride or args.context
-    window = min(args.context, len(tokens))
-    print(f"perplexity: {args.model} ({model.config.model_type}), attention {args.attn} "
-          f"(attn_implementation={implementation!r}), {str(dtype).replace('torch.', '')} on {device.type}; "
-          f"{len(tokens)} tokens, context {args.context}, stride {stride}"
-          + (f", options {json.dumps(resolved or config_options)}" if config_options is not None else ""),
-          flush=True)
-    if max_positions is not None and window > max_positions:
-        print(f"note: the context {window} exceeds the model's max_position_embeddings ({max_positions})")
-
-    busy_start = bench._cpu_busy_seconds() if device.type == "cpu" else None
-    result = perplexity.evaluate(model, tokens, context=args.context, stride=args.stride,
-                                 max_windows=args.max_windows, progress=not args.no_progress)
-    other_load = None
-    if busy_start is not None:
-        busy_end = bench._cpu_busy_seconds()
-        wall = busy_end[2] - busy_start[2] if busy_end is not None else 0.0
-        if wall > 0:  # cores other processes kept busy meanwhile: CPU timings are only as good as that is low
-            other_load = round(max((busy_end[0] - busy_start[0]) - (busy_end[1] - busy_start[1]), 0.0) / wall, 2)
-    info = bench.device_info(device)
-    if other_load is not None:
-        info["other_cpu_load"] = other_load
-    import transformers
-
-    record = {
-        "model": args.model,
-        "model_type": model.config.model_type,
-        "attention": args.attn,
-        "attn_implementation": implementation,
-        "options": options if args.attn == "tensorized" else None,
-        "options_resolved": resolved if resolved is not None else config_options,
-        "fold": list(hf.resolve_fold(resolved, window)) if resolved is not None and hasattr(hf, "resolve_fold")
-                else None,
-        "context": args.context,
-        "stride": stride,
-        "max_windows": args.max_windows,
-        "max_position_embeddings": max_positions,
-        "dtype": str(dtype).replace("torch.", ""),
-        "source": source,
-        **{k: v for k, v in result.items() if k != "per_window"},
-        "load_s": round(load_s, 2),
-        "tokenize_s": round(tokenize_s, 2),
-        "device": info,
-        "transformers": transformers.__version__,
-        "command": command,
-        "per_window": result["per_window"],
-    }
-    print(f"windows: {result['windows']}, scored tokens: {result['scored_tokens']}, "
-          f"mean NLL: {result['mean_nll']:.4f} nats, perplexity: {result['perplexity']:.3f}")
-    print(f"{result['tokens_per_s']:.1f} tokens/s ({result['seconds']:.1f} s in the model; "
-          f"device: {bench._describe(info)})")
-    if (other_load or 0) > 0.25:
-        print(f"note: other processes kept {other_load:.2f} cores busy meanwhile: the time is pessimistic")
-    out_dir = os.path.dirname(args.out)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    print(f"wrote {args.out}")
     return 0
 
 

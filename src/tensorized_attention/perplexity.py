@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Window", "evaluate", "plan_windows", "window_nll"]
+__all__ = ["Window", "evaluate", "evaluate_documents", "plan_windows", "read_tokens", "window_nll"]
 
 
 class Window(NamedTuple):
@@ -168,3 +168,237 @@ def evaluate(
         "scored_tokens_per_s": count / elapsed if elapsed > 0 else None,
         "per_window": per_window,
     }
+
+
+@torch.no_grad()
+def evaluate_documents(
+    model,
+    documents: Sequence[tuple[str, Sequence[int]]],
+    *,
+    context: int,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`evaluate` over several documents (``(id, tokens)`` pairs), each cut into its
+    own windows (no window crosses a document boundary), the totals pooled: the mean NLL
+    is over every scored token of every document. ``max_windows`` caps the windows of all
+    documents together (the first documents first). Returns :func:`evaluate`'s totals,
+    ``documents`` (how many were read) and ``per_document`` (id, windows, scored, mean_nll)."""
+    totals = dict(windows=0, scored_tokens=0, tokens_processed=0, nll_sum=0.0, seconds=0.0)
+    per_document = []
+    for doc_id, tokens in documents:
+        left = None if max_windows is None else max_windows - totals["windows"]
+        if left is not None and left <= 0:
+            break
+        result = evaluate(model, tokens, context=context, stride=stride, max_windows=left, progress=progress)
+        for key in totals:
+            totals[key] += result[key]
+        per_document.append({"id": doc_id, "windows": result["windows"], "scored": result["scored_tokens"],
+                             "mean_nll": result["mean_nll"]})
+    if not per_document:
+        raise ValueError("no document to evaluate")
+    mean = totals["nll_sum"] / totals["scored_tokens"]
+    seconds = totals["seconds"]
+    return {
+        **totals,
+        "documents": len(per_document),
+        "mean_nll": mean,
+        "perplexity": math.exp(mean),
+        "tokens_per_s": totals["tokens_processed"] / seconds if seconds > 0 else None,
+        "scored_tokens_per_s": totals["scored_tokens"] / seconds if seconds > 0 else None,
+        "per_document": per_document,
+    }
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def read_tokens(path: str, dtype: str = "uint16"):
+    """Token ids from a 1-D ``.npy`` array or a raw file of ``dtype`` integers, as int64."""
+    import numpy as np
+
+    if path.endswith(".npy"):
+        array = np.load(path, allow_pickle=False)
+    else:
+        array = np.fromfile(path, dtype=np.dtype(dtype))
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{path}: expected a 1-D array of integer token ids, got {array.dtype} {array.shape}")
+    return array.astype(np.int64)
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def add_arguments(p) -> None:
+    """The options of ``tensorized-attention perplexity``."""
+    import os
+
+    from .cli import DTYPES, _positive, parse_lengths
+
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", metavar="FILE", help="a UTF-8 text file, tokenized whole without special tokens")
+    source.add_argument("--tokens", metavar="FILE",
+                        help="token ids: a 1-D .npy array, or raw integers (.bin, see --tokens-dtype)")
+    source.add_argument("--data", metavar="DIR",
+                        help="a corpus built by 'tensorized-attention corpus': the documents of --split, "
+                             "each cut into its own windows")
+    p.add_argument("--split", default="test", help="the split of --data")
+    p.add_argument("--min-doc-tokens", type=_positive, default=None,
+                   help="read only documents of at least this many tokens (default: with --data the longest "
+                        "--context, so every context reads the same documents; else all)")
+    p.add_argument("--tokens-dtype", default="uint16", help="integer type of the ids in a raw --tokens file")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a named model (smollm2-135m), a Hugging Face checkpoint directory, or a .gguf file")
+    p.add_argument("--attention", default="full",
+                   help="the model's attention: full, full:linear=F, full:yarn=F, eager, tensorized, "
+                        "tensorized:PRESET, tensorized:{JSON}, window:W+S (tensorized_attention.setups)")
+    p.add_argument("--context", type=parse_lengths, default=[2048],
+                   help="tokens per window; a comma list evaluates each (k = 1024), one model load")
+    p.add_argument("--stride", type=_positive, default=None,
+                   help="tokens between window starts; None: the context, non-overlapping windows")
+    p.add_argument("--max-windows", type=_positive, default=None,
+                   help="evaluate the first K windows only (per context, over all documents)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available, else cpu")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--cache-dir", default=None,
+                   help="base directory of converted models (default: $TENSORIZED_ATTENTION_CACHE or "
+                        "~/.cache/tensorized-attention)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for torch (torch.set_num_threads); default: torch's own choice")
+    p.add_argument("--out", default=os.path.join("results", "perplexity.json"), help="the JSON file to write")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args, command: str) -> int:
+    """``tensorized-attention perplexity``: load the model with its attention, evaluate each
+    --context, print and write the results (one record per context)."""
+    import json
+    import os
+    import sys
+
+    import numpy as np
+
+    from . import bench, setups
+    from .cli import PROG
+
+    def fail(message: str) -> int:
+        print(f"{PROG} perplexity: error: {message}", file=sys.stderr)
+        return 2
+
+    contexts = list(args.context)
+    if min(contexts) < 2:
+        return fail(f"--context must be >= 2, got {min(contexts)}")
+    if args.stride is not None and args.stride > min(contexts):
+        return fail(f"--stride ({args.stride}) must not exceed --context ({min(contexts)})")
+    try:
+        setup = setups.parse_attention(args.attention)
+    except ValueError as err:
+        return fail(f"--attention: {err}")
+    try:
+        device = bench.resolve_device(args.device)
+    except RuntimeError as err:
+        return fail(str(err))
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+
+    start = time.perf_counter()
+    try:
+        model, tokenizer = setups.load_with_attention(
+            args.model, setup, dtype=None if args.dtype == "auto" else args.dtype, device=device,
+            cache_dir=args.cache_dir)
+    except (FileNotFoundError, TypeError, ValueError) as err:
+        return fail(str(err))
+    load_s = time.perf_counter() - start
+    dtype = next(model.parameters()).dtype
+
+    if args.text is not None:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+        documents = [(args.text, tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])]
+        source = {"text": args.text, "characters": len(text), "sha256": _file_sha256(args.text)}
+    elif args.tokens is not None:
+        try:
+            documents = [(args.tokens, read_tokens(args.tokens, args.tokens_dtype))]
+        except (ValueError, TypeError) as err:
+            return fail(str(err))
+        source = {"tokens": args.tokens, "sha256": _file_sha256(args.tokens)}
+    else:
+        from .corpus import load_split
+
+        try:
+            split = load_split(args.data, args.split)
+        except (OSError, ValueError) as err:
+            return fail(f"--data: {err}")
+        documents = [(doc_id, np.asarray(split[i], dtype=np.int64)) for i, doc_id in enumerate(split.ids)]
+        source = {"data": args.data, "split": args.split, "documents_in_split": len(documents)}
+    least = args.min_doc_tokens or (max(contexts) if args.data is not None else 2)
+    documents = [(doc_id, tokens) for doc_id, tokens in documents if len(tokens) >= least]
+    if not documents:
+        return fail(f"no document of at least {least} tokens to evaluate")
+    vocab = model.get_input_embeddings().num_embeddings
+    for doc_id, tokens in documents:
+        low, high = int(np.min(tokens)), int(np.max(tokens))
+        if low < 0 or high >= vocab:
+            return fail(f"{doc_id}: token ids must lie in [0, {vocab}), found {low} .. {high}")
+    source.update(documents=len(documents), min_doc_tokens=least,
+                  tokens_total=int(sum(len(tokens) for _, tokens in documents)))
+
+    print(f"perplexity: {args.model} ({model.config.model_type}), attention {args.attention} "
+          f"(attn_implementation={setup.attn_implementation!r}), {str(dtype).replace('torch.', '')} on "
+          f"{device.type}; {source['documents']} document(s), {source['tokens_total']} tokens, "
+          f"contexts {', '.join(map(str, contexts))}", flush=True)
+    results = []
+    for context in contexts:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        result = evaluate_documents(model, documents, context=context, stride=args.stride,
+                                    max_windows=args.max_windows, progress=not args.no_progress)
+        result = {"context": context, "stride": args.stride or context, **result}
+        if device.type == "cuda":
+            result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        if setup.kind in ("tensorized", "window"):
+            from .hf import options_of, resolve_fold
+
+            result["fold"] = list(resolve_fold(options_of(model.config), min(context, len(documents[0][1])),
+                                               int(model.config.max_position_embeddings)))
+        results.append(result)
+        print(f"context {context}: {result['windows']} windows, {result['scored_tokens']} scored tokens, "
+              f"mean NLL {result['mean_nll']:.4f} nats, perplexity {result['perplexity']:.3f}, "
+              f"{result['tokens_per_s']:.1f} tokens/s", flush=True)
+
+    import transformers
+
+    record = {
+        "model": args.model,
+        "model_type": model.config.model_type,
+        "attention": args.attention,
+        "setup": setup.describe(),
+        "options_resolved": (getattr(model.config, "tensorized_attention", None)
+                             if setup.kind in ("tensorized", "window") else None),
+        "max_position_embeddings": getattr(model.config, "max_position_embeddings", None),
+        "dtype": str(dtype).replace("torch.", ""),
+        "source": source,
+        "max_windows": args.max_windows,
+        "results": results,
+        "load_s": round(load_s, 2),
+        "device": bench.device_info(device),
+        "transformers": transformers.__version__,
+        "command": command,
+    }
+    out_dir = os.path.dirname(args.out)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    print(f"wrote {args.out}")
+    return 0
