@@ -80,3 +80,15 @@ def test_rope_scaling_changes_the_model(checkpoint):
     ids = torch.tensor([tok("With loss of EDEN, till one greater Man" * 3)["input_ids"]])
     with torch.no_grad():
         assert not torch.allclose(plain(ids).logits, scaled(ids).logits)
+
+
+def test_load_with_attention_restores_trained_gates(checkpoint, tmp_path):
+    model, tokenizer = load_with_attention(checkpoint, parse_attention("tensorized:pilot"))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.tensorized_gate_logit.fill_(-1.25)
+    model.save_pretrained(tmp_path / "trained")
+    tokenizer.save_pretrained(tmp_path / "trained")
+    again, _ = load_with_attention(tmp_path / "trained", parse_attention("tensorized:pilot"))
+    for layer in again.model.layers:
+        assert torch.all(layer.self_attn.tensorized_gate_logit == -1.25)

@@ -133,7 +133,8 @@ def apply_attention(model, setup: AttentionSetup):
 
 def load_with_attention(name_or_path, setup: AttentionSetup, **kwargs):
     """:func:`tensorized_attention.models.load_model` with ``setup``'s attention; returns
-    ``(model, tokenizer)``. Keyword arguments go to ``load_model`` (dtype, device, cache_dir)."""
+    ``(model, tokenizer)``; the gate logits a trained checkpoint saved are restored.
+    Keyword arguments go to ``load_model`` (dtype, device, cache_dir)."""
     from . import models
 
     overrides = {}
@@ -152,4 +153,10 @@ def load_with_attention(name_or_path, setup: AttentionSetup, **kwargs):
     model, tokenizer = models.load_model(name_or_path, attn_implementation=setup.attn_implementation,
                                          **overrides, **kwargs)
     apply_attention(model, setup)
+    if setup.kind in ("tensorized", "window"):
+        from . import hf
+
+        path = models.checkpoint_path(name_or_path, cache_dir=kwargs.get("cache_dir"), progress=False)
+        if path.is_dir():  # a trained checkpoint keeps its gates
+            hf.restore_gates(model, path)
     return model, tokenizer

@@ -12,6 +12,7 @@ from .attention import (
     from_pretrained,
     gate_of,
     register,
+    restore_gates,
     tensorized_attention_forward,
     tensorized_mask,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "options_of",
     "register",
     "resolve_fold",
+    "restore_gates",
     "tensorized_attention_forward",
     "tensorized_mask",
     "window_options",

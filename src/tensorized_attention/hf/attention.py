@@ -29,7 +29,7 @@ from ..ops.reference import tensorized_attn_reference
 from ..rope import TensorPositions, pass_positions, rotate, sink_distances
 from .options import options_of, resolve_fold
 
-__all__ = ["register", "enable", "from_pretrained", "gate_of", "tensorized_attention_forward", "tensorized_mask",
+__all__ = ["register", "enable", "from_pretrained", "restore_gates", "gate_of", "tensorized_attention_forward", "tensorized_mask",
            "decode_state"]
 
 NAME = "tensorized"
@@ -175,24 +175,35 @@ def enable(model, options: dict | str | None = None):
 def from_pretrained(path, options: dict | str | None = None, **kwargs):
     """``AutoModelForCausalLM.from_pretrained(path, **kwargs)`` switched to tensorized attention
     (:func:`enable`), with the gate logits saved in the checkpoint restored."""
-    import glob
-    import os
-
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     register()
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     enable(model, options)
+    restore_gates(model, path)
+    return model
+
+
+def restore_gates(model, path) -> int:
+    """Copy the gate logits saved in the checkpoint directory ``path`` (its ``*.safetensors``)
+    into ``model``'s gate parameters (which :func:`enable` created: ``from_pretrained`` drops
+    weights the model does not have yet); returns how many were restored."""
+    import glob
+    import os
+
+    from safetensors.torch import load_file
+
     saved = {}
     for file in glob.glob(os.path.join(str(path), "*.safetensors")):
         saved.update({k: v for k, v in load_file(file).items() if k.endswith(GATE_PARAM)})
     params = dict(model.named_parameters())
+    restored = 0
     with torch.no_grad():
         for name, value in saved.items():
             if name in params:
                 params[name].copy_(value)
-    return model
+                restored += 1
+    return restored
 
 
 def _add_gate(module, opts) -> None:
