@@ -218,6 +218,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at least this many long documents (or all there are) go to test")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_corpus)
+
+    t = sub.add_parser(
+        "train",
+        help="continued pretraining of a causal LM with the attention of --attention (checkpoints, resume, log)",
+        description=(
+            "Load --model with the attention of --attention and train it (AdamW, warmup and cosine decay, "
+            "gradient accumulation and clipping) on random windows of --context + 1 tokens of --data's "
+            "train split (documents joined by --separator) or of --tokens, for ceil(--train-tokens / "
+            "(--batch x --context)) steps; writes checkpoint-STEP/ (resumable with --resume), final/, "
+            "train_log.jsonl and train_summary.json into --out. See docs/train.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from . import train
+
+    train.add_arguments(t)
+    t.set_defaults(func=train.run)
     return parser
 
 

@@ -281,6 +281,11 @@ def tensorized_attention_forward(module, query, key, value, attention_mask, drop
     Returns ([B, q_len, H, D], None)."""
     if dropout:
         raise ValueError("attn_implementation='tensorized' has no attention dropout; set attention_dropout=0")
+    if torch.is_autocast_enabled(query.device.type):
+        # under autocast q and k come out of the rotation in float32 (float32 cos / sin) and v in the
+        # autocast dtype: like SDPA under autocast, run the operator in the autocast dtype
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = (x.to(dtype) for x in (query, key, value))
     opts = options_of(module.config)
     q_len, kv_len = query.shape[2], key.shape[2]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
