@@ -92,3 +92,13 @@ def test_load_with_attention_restores_trained_gates(checkpoint, tmp_path):
     again, _ = load_with_attention(tmp_path / "trained", parse_attention("tensorized:pilot"))
     for layer in again.model.layers:
         assert torch.all(layer.self_attn.tensorized_gate_logit == -1.25)
+
+
+@pytest.mark.parametrize("spec", ["full:linear=4", "full:yarn=4"])
+def test_a_checkpoint_saved_with_scaled_rope_is_not_scaled_twice(checkpoint, tmp_path, spec):
+    model, tokenizer = load_with_attention(checkpoint, parse_attention(spec))
+    model.save_pretrained(tmp_path / "trained")
+    tokenizer.save_pretrained(tmp_path / "trained")
+    again, _ = load_with_attention(tmp_path / "trained", parse_attention(spec))
+    assert again.config.max_position_embeddings == 1024
+    assert again.config.rope_parameters == model.config.rope_parameters

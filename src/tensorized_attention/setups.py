@@ -105,11 +105,14 @@ def parse_attention(spec: str) -> AttentionSetup:
 def rope_overrides(config, setup: AttentionSetup) -> dict[str, Any]:
     """The config keys that give full attention its scaled RoPE (empty without scaling):
     ``rope_parameters`` with the type and factor, and ``max_position_embeddings`` times the
-    factor; YaRN also records the original length."""
+    factor; YaRN also records the original length. Nothing when the config has that scaling
+    already (a checkpoint trained with it)."""
     if setup.rope is None:
         return {}
-    trained = int(config.max_position_embeddings)
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if params.get("rope_type") == setup.rope and float(params.get("factor", 0)) == float(setup.rope_factor):
+        return {}  # a checkpoint trained with this scaling has it in its config already
+    trained = int(config.max_position_embeddings)
     if not params:
         params = {"rope_theta": float(getattr(config, "rope_theta", 10000.0))}
     params.update(rope_type=setup.rope, factor=float(setup.rope_factor))
