@@ -219,6 +219,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.set_defaults(func=_corpus)
 
+    k = sub.add_parser(
+        "passkey",
+        help="passkey retrieval (LongLoRA / Landmark prompt) over lengths and needle depths, teacher-forced",
+        description=(
+            "Build LongLoRA's passkey prompts (an instruction, filler sentences, the needle 'The pass key "
+            "is KEY...' at each --depths fraction of the filler, the question and the answer) of exactly "
+            "each --lengths tokens, answer included, with --trials random 5-digit keys per length and "
+            "depth; run the model with the attention of --attention once per prompt and count a trial "
+            "right when every answer token is the argmax at the position before it. Prints a table "
+            "(lengths x depths) and writes passkey.json and passkey.png into --out. See docs/passkey.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from . import passkey
+
+    passkey.add_arguments(k)
+    k.set_defaults(func=passkey.run)
+
     t = sub.add_parser(
         "train",
         help="continued pretraining of a causal LM with the attention of --attention (checkpoints, resume, log)",
