@@ -7,9 +7,16 @@ Commands:
   prints a table and writes ``bench.json`` and ``bench.png`` (see
   :mod:`tensorized_attention.bench`).
 - ``perplexity``: the perplexity of a pretrained model (default SmolLM2-135M, see
-  :mod:`tensorized_attention.models`) over a long text, window by window, with full or
-  tensorized attention; prints the result and writes a JSON file (see
+  :mod:`tensorized_attention.models`) over long texts or a corpus split, window by window,
+  at one or several contexts, with the attention of ``--attention``
+  (:mod:`tensorized_attention.setups`); writes a JSON file (see
   :mod:`tensorized_attention.perplexity`).
+- ``corpus``: a corpus of long documents built offline from package registries
+  (:mod:`tensorized_attention.corpus`).
+- ``train``: continued pretraining with a chosen attention (:mod:`tensorized_attention.train`).
+- ``passkey``: passkey retrieval over lengths and depths (:mod:`tensorized_attention.passkey`).
+- ``study``: one configuration of the long-context study, trained and evaluated
+  (:mod:`tensorized_attention.study`).
 """
 
 from __future__ import annotations
@@ -253,6 +260,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     train.add_arguments(t)
     t.set_defaults(func=train.run)
+
+    st = sub.add_parser(
+        "study",
+        help="one configuration of the long-context study: train (when trained), perplexity, passkey",
+        description=(
+            "Run, in one process, the commands of one configuration of the long-context study "
+            "(docs/results.md): 'train' at --context for --train-tokens tokens (trained configurations; "
+            "resumed when OUT/CONFIG/train holds a checkpoint, skipped when it holds final/), then "
+            "'perplexity' on the corpus' test split at --eval-lengths and 'passkey' at --passkey-lengths; "
+            "each writes its JSON under OUT/CONFIG/. --dry-run prints the commands."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from . import study
+
+    study.add_arguments(st)
+    st.set_defaults(func=study.run)
     return parser
 
 

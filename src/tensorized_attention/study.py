@@ -1,0 +1,125 @@
+"""The long-context study: the configurations compared side by side, and the one command
+that trains (when the configuration is trained) and evaluates one of them.
+
+``tensorized-attention study --config NAME --data CORPUS --out results/study`` runs, in
+order and in one process, the commands a user would type (each writes its own JSON into
+``OUT/NAME/``):
+
+1. ``train`` (configurations with ``train=True``): continued pretraining at ``--context``
+   for ``--train-tokens`` tokens, checkpoints in ``OUT/NAME/train``; resumed when a
+   checkpoint is there (a budget larger than one call's time runs over several calls);
+2. ``perplexity`` on the corpus' test split at every ``--eval-lengths`` (the same long
+   documents at every length), ``OUT/NAME/perplexity.json``;
+3. ``passkey`` at ``--passkey-lengths``, ``OUT/NAME/passkey.json`` and a heat map.
+
+The evaluated model is the trained one (``OUT/NAME/train/final``) or the model as shipped.
+``--dry-run`` prints the commands instead of running them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shlex
+from dataclasses import dataclass
+
+__all__ = ["CONFIGS", "Config", "study_commands"]
+
+TENSOR_FOLD = '{"shape": [null, 256], "mode": "%s", "order": [0, 1], "positions": "tensor"}'
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration of the study: its attention setup string (``setups``), whether it
+    is trained, and what it stands for."""
+
+    attention: str
+    train: bool
+    description: str
+
+
+#: The configurations of the long-context study (docs/results.md).
+CONFIGS: dict[str, Config] = {
+    "base": Config("full", False, "SmolLM2 as shipped: full attention, RoPE trained to 8k, no training"),
+    "pi4": Config("full:linear=4", False, "full attention, RoPE position interpolation x4 (32k), no training"),
+    "yarn16": Config("full:yarn=16", False, "full attention, YaRN x16 (128k), no training"),
+    "full-pi4": Config("full:linear=4", True, "full attention, position interpolation x4, trained at the context"),
+    "block": Config("tensorized:" + TENSOR_FOLD % "block", True,
+                    "tensorized block, fold (*, 256), tensor positions, trained"),
+    "complete": Config("tensorized:" + TENSOR_FOLD % "complete", True,
+                       "tensorized complete, fold (*, 256), tensor positions, trained"),
+    "pilot": Config("tensorized:pilot", True, "complete + gate on the coarse pass + 4 sinks (DESIGN.md §7), trained"),
+    "window": Config("window:256+4", True,
+                     "sliding window of 256 keys + 4 sinks, tensor positions, trained (the control)"),
+}
+
+
+def study_commands(name: str, args: argparse.Namespace) -> list[list[str]]:
+    """The command lines (argv of ``tensorized-attention``) of configuration ``name``."""
+    config = CONFIGS[name]
+    out = os.path.join(args.out, name)
+    common = ["--attention", config.attention, "--device", args.device]
+    if args.cache_dir:
+        common += ["--cache-dir", args.cache_dir]
+    commands = []
+    model = args.model
+    if config.train:
+        train_dir = os.path.join(out, "train")
+        model = os.path.join(train_dir, "final")
+        if os.path.isdir(model):  # trained already: evaluate only
+            train_dir = None
+    if config.train and train_dir is not None:
+        resume = bool(glob.glob(os.path.join(train_dir, "checkpoint-*")))
+        commands.append(["train", "--model", args.model, *common, "--data", args.data,
+                         "--context", str(args.context), "--train-tokens", str(args.train_tokens),
+                         "--batch", str(args.batch), "--micro-batch", str(args.micro_batch),
+                         "--lr", str(args.lr), "--seed", str(args.seed), "--gradient-checkpointing",
+                         "--out", train_dir, *(["--resume"] if resume else []), *args.train_args])
+    commands.append(["perplexity", "--model", model, *common, "--data", args.data, "--split", "test",
+                     "--context", args.eval_lengths, "--max-windows", str(args.eval_windows),
+                     "--out", os.path.join(out, "perplexity.json")])
+    commands.append(["passkey", "--model", model, *common, "--lengths", args.passkey_lengths,
+                     "--depths", str(args.depths), "--trials", str(args.trials), "--seed", str(args.seed),
+                     "--out", os.path.join(out, "passkey")])
+    return commands
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tensorized-attention study``."""
+    p.add_argument("--config", required=True, choices=sorted(CONFIGS),
+                   help="; ".join(f"{k}: {c.description}" for k, c in CONFIGS.items()))
+    p.add_argument("--data", required=True, help="a corpus built by 'tensorized-attention corpus'")
+    p.add_argument("--model", default="smollm2-135m", help="the pretrained model")
+    p.add_argument("--context", type=int, default=32768, help="training context")
+    p.add_argument("--train-tokens", default="20000000", help="training token budget")
+    p.add_argument("--batch", type=int, default=2, help="sequences per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (the pilot's better one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-lengths", default="2k,8k,32k,64k,128k", help="perplexity contexts")
+    p.add_argument("--eval-windows", type=int, default=8, help="perplexity windows per context")
+    p.add_argument("--passkey-lengths", default="8k,32k,128k", help="passkey prompt lengths")
+    p.add_argument("--depths", type=int, default=5, help="passkey depths per length")
+    p.add_argument("--trials", type=int, default=2, help="passkey trials per (length, depth)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--cache-dir", default=None, help="base directory of converted models")
+    p.add_argument("--train-args", default="", type=shlex.split,
+                   help="more options for 'train', one quoted string (e.g. '--warmup 20')")
+    p.add_argument("--out", default=os.path.join("results", "study"), help="results root: OUT/CONFIG/...")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    """Run (or print, with --dry-run) the commands of one configuration; stops at the
+    first that fails and returns its status."""
+    from .cli import PROG, main
+
+    for argv in study_commands(args.config, args):
+        print("$ " + shlex.join([PROG, *argv]), flush=True)
+        if args.dry_run:
+            continue
+        status = main(argv)
+        if status:
+            return status
+    return 0

@@ -1,0 +1,74 @@
+"""The long-context study end to end on the CPU: a tiny corpus, the tiny model, one
+configuration trained and evaluated by `tensorized-attention study` (train, perplexity on
+the test split at two lengths, passkey), and the commands of every configuration."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from tensorized_attention import corpus, models, study  # noqa: E402
+from tensorized_attention.cli import main  # noqa: E402
+from tiny_model import TEXT, save_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    checkpoint = save_tiny_checkpoint(root / "model")
+    _, tokenizer = models.load_model(checkpoint)
+    docs = [corpus.Document(id=f"doc{i}", source="local", path=f"doc{i}.txt", text=TEXT[i * 7:] + TEXT[: i * 7])
+            for i in range(6)]
+    corpus.build_corpus(docs, tokenizer, root / "corpus", test_fraction=0.34, val_fraction=0.0,
+                        long_tokens=10**9, progress=False)
+    return root, checkpoint
+
+
+def _args(root, checkpoint, **extra):
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    argv = ["--config", "pilot", "--data", str(root / "corpus"), "--model", str(checkpoint), "--context", "32",
+            "--train-tokens", "256", "--batch", "2", "--eval-lengths", "16,32", "--eval-windows", "4",
+            "--passkey-lengths", "256", "--depths", "2", "--trials", "1", "--device", "cpu",
+            "--train-args", "--log-every 1 --save-every 2 --no-progress", "--out", str(root / "out")]
+    for key, value in extra.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def test_every_configuration_has_its_commands(setup, tmp_path):
+    root, checkpoint = setup
+    parser = argparse.ArgumentParser()
+    study.add_arguments(parser)
+    for name, config in study.CONFIGS.items():
+        args = parser.parse_args(_args(root, checkpoint)[2:] + ["--config", name, "--out", str(tmp_path)])
+        commands = study.study_commands(name, args)
+        assert [c[0] for c in commands] == (["train"] if config.train else []) + ["perplexity", "passkey"]
+        assert all(c[c.index("--attention") + 1] == config.attention for c in commands)
+        evaluated = commands[-1][commands[-1].index("--model") + 1]
+        assert evaluated == (str(tmp_path / name / "train" / "final") if config.train else str(checkpoint))
+
+
+def test_study_trains_then_evaluates_the_trained_model(setup, capsys):
+    root, checkpoint = setup
+    assert main(["study", *_args(root, checkpoint)]) == 0
+    out = root / "out" / "pilot"
+    summary = json.loads((out / "train" / "train_summary.json").read_text())
+    assert summary["steps"] == 4
+    ppl = json.loads((out / "perplexity.json").read_text())
+    assert ppl["model"] == str(out / "train" / "final") and ppl["setup"]["kind"] == "tensorized"
+    assert [r["context"] for r in ppl["results"]] == [16, 32]
+    assert all(torch.isfinite(torch.tensor(r["mean_nll"])) for r in ppl["results"])
+    passkey = json.loads((out / "passkey" / "passkey.json").read_text())
+    assert passkey["model"] == str(out / "train" / "final")
+    # a second call finds the trained model and only evaluates it again
+    printed = capsys.readouterr().out
+    assert main(["study", *_args(root, checkpoint), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "$ tensorized-attention train" not in printed and "$ tensorized-attention perplexity" in printed
