@@ -36,7 +36,8 @@ def _args(root, checkpoint, **extra):
     argv = ["--config", "pilot", "--data", str(root / "corpus"), "--model", str(checkpoint), "--context", "32",
             "--train-tokens", "256", "--batch", "2", "--eval-lengths", "16,32", "--eval-windows", "4",
             "--passkey-lengths", "256", "--depths", "2", "--trials", "1", "--device", "cpu",
-            "--train-args", "--log-every 1 --save-every 2 --no-progress", "--out", str(root / "out")]
+            "--train-args", "--log-every 1 --save-every 2 --no-progress", "--out", str(root / "out"),
+            "--work", str(root / "work")]
     for key, value in extra.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     return argv
@@ -47,7 +48,7 @@ def test_every_configuration_has_its_commands(setup, tmp_path):
     parser = argparse.ArgumentParser()
     study.add_arguments(parser)
     for name, config in study.CONFIGS.items():
-        args = parser.parse_args(_args(root, checkpoint)[2:] + ["--config", name, "--out", str(tmp_path)])
+        args = parser.parse_args(_args(root, checkpoint)[2:] + ["--config", name, "--work", str(tmp_path)])
         commands = study.study_commands(name, args)
         assert [c[0] for c in commands] == (["train"] if config.train else []) + ["perplexity", "passkey"]
         assert all(c[c.index("--attention") + 1] == config.attention for c in commands)
@@ -58,17 +59,42 @@ def test_every_configuration_has_its_commands(setup, tmp_path):
 def test_study_trains_then_evaluates_the_trained_model(setup, capsys):
     root, checkpoint = setup
     assert main(["study", *_args(root, checkpoint)]) == 0
-    out = root / "out" / "pilot"
-    summary = json.loads((out / "train" / "train_summary.json").read_text())
-    assert summary["steps"] == 4
+    out, final = root / "out" / "pilot", root / "work" / "pilot" / "train" / "final"
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 4 and (out / "train_log.jsonl").exists()
+    assert not (out / "train").exists() and final.is_dir()  # checkpoints stay out of the results
     ppl = json.loads((out / "perplexity.json").read_text())
-    assert ppl["model"] == str(out / "train" / "final") and ppl["setup"]["kind"] == "tensorized"
+    assert ppl["model"] == str(final) and ppl["setup"]["kind"] == "tensorized"
     assert [r["context"] for r in ppl["results"]] == [16, 32]
     assert all(torch.isfinite(torch.tensor(r["mean_nll"])) for r in ppl["results"])
     passkey = json.loads((out / "passkey" / "passkey.json").read_text())
-    assert passkey["model"] == str(out / "train" / "final")
+    assert passkey["model"] == str(final)
     # a second call finds the trained model and only evaluates it again
     printed = capsys.readouterr().out
     assert main(["study", *_args(root, checkpoint), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "$ tensorized-attention train" not in printed and "$ tensorized-attention perplexity" in printed
+
+
+def test_report_rebuilds_results_from_the_json(setup, tmp_path):
+    """benchmarks/study_report.py renders what the study wrote (and 'not run' for the rest)."""
+    import sys
+    from pathlib import Path
+
+    root, checkpoint = setup
+    if not (root / "out" / "pilot" / "perplexity.json").exists():
+        assert main(["study", *_args(root, checkpoint)]) == 0
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import study_report
+
+    results = study_report.collect(str(root / "out"))
+    text = study_report.render(results, str(tmp_path), plots=True)
+    ppl = {r["context"]: r["perplexity"] for r in results["pilot"]["perplexity"]["results"]}
+    row = next(line for line in text.splitlines() if line.startswith("| pilot |") and "k" not in line[8:12]
+               and f"{ppl[16]:.2f}" in line)
+    assert f"{ppl[32]:.2f}" in row
+    assert "| base | not run" in text
+    passkey = results["pilot"]["passkey"]["per_length"][0]
+    assert f"{passkey['successes']}/{passkey['trials']}" in text
+    if "(no plots" not in text:
+        assert (tmp_path / "results_ppl.png").exists() and (tmp_path / "results_passkey_pilot.png").exists()

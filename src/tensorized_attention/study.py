@@ -6,13 +6,14 @@ order and in one process, the commands a user would type (each writes its own JS
 ``OUT/NAME/``):
 
 1. ``train`` (configurations with ``train=True``): continued pretraining at ``--context``
-   for ``--train-tokens`` tokens, checkpoints in ``OUT/NAME/train``; resumed when a
-   checkpoint is there (a budget larger than one call's time runs over several calls);
+   for ``--train-tokens`` tokens, checkpoints in ``WORK/NAME/train`` (its summary and log
+   copied into ``OUT/NAME/``); resumed when a checkpoint is there (a budget larger than one
+   call's time runs over several calls), skipped when ``final/`` is there;
 2. ``perplexity`` on the corpus' test split at every ``--eval-lengths`` (the same long
    documents at every length), ``OUT/NAME/perplexity.json``;
 3. ``passkey`` at ``--passkey-lengths``, ``OUT/NAME/passkey.json`` and a heat map.
 
-The evaluated model is the trained one (``OUT/NAME/train/final``) or the model as shipped.
+The evaluated model is the trained one (``WORK/NAME/train/final``) or the model as shipped.
 ``--dry-run`` prints the commands instead of running them.
 """
 
@@ -22,6 +23,7 @@ import argparse
 import glob
 import os
 import shlex
+import shutil
 from dataclasses import dataclass
 
 __all__ = ["CONFIGS", "Config", "study_commands"]
@@ -59,13 +61,14 @@ def study_commands(name: str, args: argparse.Namespace) -> list[list[str]]:
     """The command lines (argv of ``tensorized-attention``) of configuration ``name``."""
     config = CONFIGS[name]
     out = os.path.join(args.out, name)
+    work = os.path.join(args.work, name)
     common = ["--attention", config.attention, "--device", args.device]
     if args.cache_dir:
         common += ["--cache-dir", args.cache_dir]
     commands = []
     model = args.model
     if config.train:
-        train_dir = os.path.join(out, "train")
+        train_dir = os.path.join(work, "train")
         model = os.path.join(train_dir, "final")
         if os.path.isdir(model):  # trained already: evaluate only
             train_dir = None
@@ -106,7 +109,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="base directory of converted models")
     p.add_argument("--train-args", default="", type=shlex.split,
                    help="more options for 'train', one quoted string (e.g. '--warmup 20')")
-    p.add_argument("--out", default=os.path.join("results", "study"), help="results root: OUT/CONFIG/...")
+    p.add_argument("--out", default=os.path.join("results", "study"),
+                   help="results root: OUT/CONFIG/ gets the JSON (train summary and log, perplexity, passkey)")
+    p.add_argument("--work", default=os.path.join("results", "study-work"),
+                   help="checkpoints root: WORK/CONFIG/train/ (checkpoints, final/; large, not results)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
 
 
@@ -122,4 +128,9 @@ def run(args: argparse.Namespace, command: str) -> int:
         status = main(argv)
         if status:
             return status
+        if argv[0] == "train":  # the training record joins the results; the checkpoints stay in WORK
+            train_dir = argv[argv.index("--out") + 1]
+            os.makedirs(os.path.join(args.out, args.config), exist_ok=True)
+            for name in ("train_summary.json", "train_log.jsonl"):
+                shutil.copy(os.path.join(train_dir, name), os.path.join(args.out, args.config, name))
     return 0
