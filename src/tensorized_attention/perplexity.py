@@ -227,16 +227,6 @@ def read_tokens(path: str, dtype: str = "uint16"):
     return array.astype(np.int64)
 
 
-def _file_sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def add_arguments(p) -> None:
     """The options of ``tensorized-attention perplexity``."""
     import os
@@ -289,6 +279,7 @@ def run(args, command: str) -> int:
 
     from . import bench, setups
     from .cli import PROG
+    from .corpus import sha256_file
 
     def fail(message: str) -> int:
         print(f"{PROG} perplexity: error: {message}", file=sys.stderr)
@@ -324,13 +315,13 @@ def run(args, command: str) -> int:
         with open(args.text, encoding="utf-8") as f:
             text = f.read()
         documents = [(args.text, tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])]
-        source = {"text": args.text, "characters": len(text), "sha256": _file_sha256(args.text)}
+        source = {"text": args.text, "characters": len(text), "sha256": sha256_file(args.text)}
     elif args.tokens is not None:
         try:
             documents = [(args.tokens, read_tokens(args.tokens, args.tokens_dtype))]
         except (ValueError, TypeError) as err:
             return fail(str(err))
-        source = {"tokens": args.tokens, "sha256": _file_sha256(args.tokens)}
+        source = {"tokens": args.tokens, "sha256": sha256_file(args.tokens)}
     else:
         from .corpus import load_split
 

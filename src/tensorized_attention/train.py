@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import math
 import os
@@ -53,6 +52,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .corpus import sha256_file
 
 __all__ = [
     "TrainConfig",
@@ -163,14 +164,6 @@ def window_starts(seed: int, step: int, count: int, n_tokens: int, length: int, 
     return rng.integers(0, n_tokens - length + 1, size=count, dtype=np.int64)
 
 
-def _sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve_separator(spec: str | int | None, tokenizer) -> tuple[int | None, str | None]:
     """The token put between the documents of a corpus: ``(id, token)``.
 
@@ -254,7 +247,7 @@ def file_stream(path: str | os.PathLike, dtype: str = "uint16") -> TokenStream:
         raise TrainError(f"--tokens {path}: expected a 1-D array of integer token ids, got {tokens.dtype} "
                          f"{tuple(tokens.shape)}")
     info = {"kind": "tokens", "path": str(path), "dtype": tokens.dtype.name, "tokens": len(tokens),
-            "stream_tokens": len(tokens), "sha256": _sha256_file(path)}
+            "stream_tokens": len(tokens), "sha256": sha256_file(path)}
     return TokenStream(tokens, info)
 
 
