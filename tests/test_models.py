@@ -232,6 +232,30 @@ def test_window_nll_is_the_cross_entropy_of_the_logits(tiny):
     assert total == pytest.approx(float(F.cross_entropy(logits[29:-1], ids[30:], reduction="sum")), rel=1e-5)
     with pytest.raises(ValueError, match="score_from"):
         perplexity.window_nll(model, ids, score_from=40)
+    # the output layer in chunks of 7 positions: the same sum
+    total, count = perplexity.window_nll(model, ids, chunk=7)
+    assert count == 39 and total / count == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_window_nll_of_a_model_without_the_usual_head_uses_its_logits(tiny):
+    """A model that is not decoder + lm_head (here: logits scaled) is scored on its own logits."""
+    model, tokenizer = tiny
+    ids = torch.tensor(tokenizer(TEXT, add_special_tokens=False)["input_ids"][:20])
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, use_cache=False):
+            out = self.inner(input_ids=input_ids, use_cache=use_cache)
+            out.logits = out.logits * 0.5
+            return out
+
+    with torch.no_grad():
+        logits = model(input_ids=ids[None]).logits[0] * 0.5
+    total, count = perplexity.window_nll(Scaled(model), ids)
+    assert total == pytest.approx(float(F.cross_entropy(logits[:-1], ids[1:], reduction="sum")), rel=1e-5)
 
 
 @pytest.mark.parametrize("n,context,stride", [(100, 16, None), (100, 16, 16), (100, 16, 5), (100, 16, 1),

@@ -86,24 +86,50 @@ def plan_windows(
     return windows
 
 
+LOGIT_CHUNK = 8192  # positions whose logits exist at once (float32: 8192 x vocab x 4 bytes)
+
+
+def _output_head(model):
+    """(decoder, head) of a model whose logits are ``head(decoder(ids).last_hidden_state)``
+    and nothing more (the Hugging Face layout, no logit soft-capping), else None."""
+    decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    config = getattr(model, "config", None)
+    if (isinstance(decoder, torch.nn.Module) and isinstance(head, torch.nn.Module)
+            and getattr(config, "final_logit_softcapping", None) is None
+            and getattr(config, "logit_scale", None) is None):
+        return decoder, head
+    return None
+
+
 @torch.no_grad()
-def window_nll(model, input_ids: torch.Tensor, score_from: int = 1) -> tuple[float, int]:
+def window_nll(model, input_ids: torch.Tensor, score_from: int = 1, chunk: int = LOGIT_CHUNK) -> tuple[float, int]:
     """Sum of the negative log-likelihoods (nats) of the tokens ``input_ids[score_from:]``,
     each predicted by ``model`` from the tokens before it; returns ``(sum, count)``.
 
-    ``input_ids`` is one window, ``[L]`` or ``[1, L]``. The model computes the logits of all
-    L positions in one call (``use_cache=False``); those of positions
-    ``score_from - 1 … L - 2`` are scored in float32 against the next tokens.
+    ``input_ids`` is one window, ``[L]`` or ``[1, L]``, read in one call (``use_cache=False``).
+    For a model of the Hugging Face layout (``.model`` then ``.lm_head``) the output layer
+    runs on ``chunk`` positions at a time, scored in float32 against the next tokens, so
+    the logits of a 128k-token window never exist at once (they would take 25 GB); other
+    models give all their logits.
     """
     ids = input_ids.reshape(1, -1)
     length = ids.shape[1]
     if not 1 <= score_from < length:
         raise ValueError(f"score_from must lie in [1, {length - 1}], got {score_from}")
-    logits = model(input_ids=ids, use_cache=False).logits[0]
-    scored = logits[score_from - 1 : length - 1].float()
-    targets = ids[0, score_from:].to(scored.device)
-    nll = F.cross_entropy(scored, targets, reduction="sum")
-    return float(nll), int(targets.numel())
+    targets = ids[0, score_from:]
+    parts = _output_head(model)
+    if parts is None:
+        logits = model(input_ids=ids, use_cache=False).logits[0]
+        scored = logits[score_from - 1 : length - 1].float()
+        nll = F.cross_entropy(scored, targets.to(scored.device), reduction="sum")
+        return float(nll), int(targets.numel())
+    decoder, head = parts
+    hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0, score_from - 1 : length - 1]
+    total = 0.0
+    for start in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[start : start + chunk]).float()
+        total += float(F.cross_entropy(logits, targets[start : start + chunk].to(logits.device), reduction="sum"))
+    return total, int(targets.numel())
 
 
 def _synchronize(device: torch.device) -> None:
