@@ -66,13 +66,12 @@ def study_commands(name: str, args: argparse.Namespace) -> list[list[str]]:
     if args.cache_dir:
         common += ["--cache-dir", args.cache_dir]
     commands = []
-    model = args.model
+    model, train_dir = args.model, None
     if config.train:
-        train_dir = os.path.join(work, "train")
-        model = os.path.join(train_dir, "final")
-        if os.path.isdir(model):  # trained already: evaluate only
-            train_dir = None
-    if config.train and train_dir is not None:
+        model = os.path.join(work, "train", "final")
+        if not os.path.isdir(model):  # not trained yet (else: evaluate only)
+            train_dir = os.path.join(work, "train")
+    if train_dir is not None:
         resume = bool(glob.glob(os.path.join(train_dir, "checkpoint-*")))
         commands.append(["train", "--model", args.model, *common, "--data", args.data,
                          "--context", str(args.context), "--train-tokens", str(args.train_tokens),
