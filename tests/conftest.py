@@ -1,4 +1,4 @@
-"""Shared test helpers: a per-test seed and random q, k, v.
+"""Shared test helpers: a per-test seed, random q, k, v, and the tiny model checkpoint.
 
 No "poison" helper is needed: the reference backend allocates every output itself
 (it never writes into a caller's buffer), so there is no uninitialised memory to catch.
@@ -32,6 +32,15 @@ def random_qkv(batch, seqlen, heads, kv_heads, headdim, dtype=torch.float64, req
     k = torch.randn(batch, seqlen, kv_heads, headdim)
     v = torch.randn(batch, seqlen, kv_heads, headdim)
     return tuple(x.to(dtype).requires_grad_(requires_grad) for x in (q, k, v))
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """The tiny model and its tokenizer (tests/tiny_model.py), saved once per run; the directory.
+    Tests read it and write elsewhere."""
+    from tiny_model import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture

@@ -22,24 +22,18 @@ pytest.importorskip("tokenizers")
 
 from tensorized_attention import models, perplexity  # noqa: E402
 from tensorized_attention.cli import main  # noqa: E402
-from tiny_model import SPECIALS, TEXT, bpe_tokenizer, save_tiny_checkpoint, tiny_config  # noqa: E402
+from tiny_model import SPECIALS, TEXT, bpe_tokenizer, tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """The tiny model and its tokenizer (tests/tiny_model.py), saved; returns the directory."""
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_checkpoint):
-    return models.load_model(tiny_checkpoint)
+def tiny(checkpoint):
+    return models.load_model(checkpoint)
 
 
 # ---------------------------------------------------------------------------- the loader
 
 
-def test_load_model_from_a_checkpoint_directory(tiny_checkpoint, tiny):
+def test_load_model_from_a_checkpoint_directory(checkpoint, tiny):
     model, tokenizer = tiny
     assert isinstance(model, transformers.LlamaForCausalLM)
     assert not model.training
@@ -57,18 +51,18 @@ def test_load_model_from_a_checkpoint_directory(tiny_checkpoint, tiny):
         logits = model(input_ids=x).logits
     assert logits.shape == (1, 32, model.config.vocab_size) and torch.isfinite(logits).all()
     # the same weights as the checkpoint: eager attention gives the same logits
-    eager, _ = models.load_model(tiny_checkpoint, attn_implementation="eager")
+    eager, _ = models.load_model(checkpoint, attn_implementation="eager")
     assert eager.config._attn_implementation == "eager"
     with torch.no_grad():
         torch.testing.assert_close(eager(input_ids=x).logits, logits, atol=1e-4, rtol=1e-4)
 
 
-def test_load_model_dtype_and_config_overrides(tiny_checkpoint):
-    model, _ = models.load_model(tiny_checkpoint, dtype="bfloat16", max_position_embeddings=512,
+def test_load_model_dtype_and_config_overrides(checkpoint):
+    model, _ = models.load_model(checkpoint, dtype="bfloat16", max_position_embeddings=512,
                                  rms_norm_eps=1e-4)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.config.max_position_embeddings == 512 and model.config.rms_norm_eps == 1e-4
-    model, _ = models.load_model(str(tiny_checkpoint), dtype=torch.float64, attn_implementation=None)
+    model, _ = models.load_model(str(checkpoint), dtype=torch.float64, attn_implementation=None)
     assert next(model.parameters()).dtype == torch.float64
 
 
@@ -310,11 +304,11 @@ def test_evaluate_sums_the_windows(tiny):
 # ---------------------------------------------------------------------------------- CLI
 
 
-def test_cli_perplexity_text_and_tokens(tiny_checkpoint, tmp_path, capsys):
+def test_cli_perplexity_text_and_tokens(checkpoint, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     out = tmp_path / "r" / "ppl.json"
-    argv = ["perplexity", "--text", str(text), "--model", str(tiny_checkpoint), "--context", "32",
+    argv = ["perplexity", "--text", str(text), "--model", str(checkpoint), "--context", "32",
             "--stride", "8", "--max-windows", "5", "--no-progress", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -331,7 +325,7 @@ def test_cli_perplexity_text_and_tokens(tiny_checkpoint, tmp_path, capsys):
     assert data["source"]["tokens_total"] > 100
 
     # the same tokens from a .npy and a raw uint16 .bin file give the same numbers
-    _, tokenizer = models.load_model(tiny_checkpoint)
+    _, tokenizer = models.load_model(checkpoint)
     ids = np.array(tokenizer(TEXT, add_special_tokens=False)["input_ids"])
     np.save(tmp_path / "t.npy", ids)
     ids.astype(np.uint16).tofile(tmp_path / "t.bin")
@@ -343,19 +337,19 @@ def test_cli_perplexity_text_and_tokens(tiny_checkpoint, tmp_path, capsys):
         assert again["mean_nll"] == pytest.approx(result["mean_nll"], rel=1e-6)
 
 
-def test_cli_perplexity_corpus_documents_and_contexts(tiny_checkpoint, tmp_path):
+def test_cli_perplexity_corpus_documents_and_contexts(checkpoint, tmp_path):
     """--data: each document of the split in its own windows, every context of the list
     over the same documents (those of at least the longest context)."""
     from tensorized_attention import corpus
 
-    _, tokenizer = models.load_model(tiny_checkpoint)
+    _, tokenizer = models.load_model(checkpoint)
     docs = [corpus.Document(id=f"d{i}", source="local", path=f"d{i}.txt", text=TEXT[: 200 + 300 * i])
             for i in range(4)]
     corpus.build_corpus(docs, tokenizer, tmp_path / "c", test_fraction=1.0, val_fraction=0.0, progress=False)
     split = corpus.load_split(tmp_path / "c", "test")
     lengths = dict(zip(split.ids, split.lengths().tolist(), strict=True))
     out = tmp_path / "ppl.json"
-    assert main(["perplexity", "--data", str(tmp_path / "c"), "--model", str(tiny_checkpoint),
+    assert main(["perplexity", "--data", str(tmp_path / "c"), "--model", str(checkpoint),
                  "--context", "16,64", "--no-progress", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     read = [d for d in lengths if lengths[d] >= 64]
@@ -368,10 +362,10 @@ def test_cli_perplexity_corpus_documents_and_contexts(tiny_checkpoint, tmp_path)
         assert result["mean_nll"] == pytest.approx(pooled, rel=1e-9)
 
 
-def test_cli_perplexity_errors(tiny_checkpoint, tmp_path, capsys):
+def test_cli_perplexity_errors(checkpoint, tmp_path, capsys):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
-    base = ["perplexity", "--text", str(text), "--model", str(tiny_checkpoint), "--context", "16",
+    base = ["perplexity", "--text", str(text), "--model", str(checkpoint), "--context", "16",
             "--out", str(tmp_path / "x.json"), "--no-progress"]
     assert main([*base, "--stride", "17"]) == 2
     assert "--stride (17) must not exceed --context (16)" in capsys.readouterr().err
@@ -384,13 +378,13 @@ def test_cli_perplexity_errors(tiny_checkpoint, tmp_path, capsys):
     assert not (tmp_path / "x.json").exists()
 
 
-def test_cli_perplexity_tensorized(tiny_checkpoint, tmp_path):
+def test_cli_perplexity_tensorized(checkpoint, tmp_path):
     """--attention tensorized: the options reach model.config.tensorized_attention. A fold of
     one dimension covering the window is full causal attention: the same perplexity."""
     pytest.importorskip("tensorized_attention.hf")
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
-    base = ["perplexity", "--text", str(text), "--model", str(tiny_checkpoint), "--context", "32",
+    base = ["perplexity", "--text", str(text), "--model", str(checkpoint), "--context", "32",
             "--max-windows", "3", "--no-progress"]
 
     def run(attention, name):

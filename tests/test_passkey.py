@@ -18,12 +18,6 @@ pytest.importorskip("tokenizers")
 from tensorized_attention import passkey  # noqa: E402
 from tensorized_attention.cli import main  # noqa: E402
 from tensorized_attention.setups import parse_attention  # noqa: E402
-from tiny_model import save_tiny_checkpoint  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,6 @@ pytest.importorskip("tokenizers")
 
 from tensorized_attention import hf  # noqa: E402
 from tensorized_attention.setups import AttentionSetup, load_with_attention, parse_attention  # noqa: E402
-from tiny_model import save_tiny_checkpoint  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.mark.parametrize("spec, expected", [

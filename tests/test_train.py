@@ -27,7 +27,7 @@ from tensorized_attention import train as T  # noqa: E402
 from tensorized_attention.cli import main  # noqa: E402
 from tensorized_attention.corpus import Document, build_corpus  # noqa: E402
 from tensorized_attention.setups import load_with_attention, parse_attention  # noqa: E402
-from tiny_model import LINES, TEXT, save_tiny_checkpoint  # noqa: E402
+from tiny_model import LINES, TEXT  # noqa: E402
 
 TENSORIZED = 'tensorized:{"shape": [null, 8], "gate": [0.88, null], "sinks": 2}'
 GATE = "model.layers.0.self_attn.tensorized_gate_logit"
@@ -48,11 +48,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="module")

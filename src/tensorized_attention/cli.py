@@ -170,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Tokenize --text (or read --tokens, or the documents of a corpus split with --data), cut "
             "each document into windows of --context tokens (each context of a comma list in turn) "
-            "starting every --stride tokens, run the model on each window (no cache, logits of all "
-            "positions) and score each token once, in the first window that predicts it: with "
+            "starting every --stride tokens, run the model on each window (no cache; the output layer on "
+            "8192 positions at a time) and score each token once, in the first window that predicts it: with "
             "--stride = --context (the default) non-overlapping windows scored on all their "
             "predictions, with a smaller --stride sliding windows scored on their last --stride "
             "tokens only. Prints mean NLL and perplexity and writes them, with the setup, to --out."

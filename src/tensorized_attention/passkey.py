@@ -629,7 +629,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     Returns the exit status (2 on a usage error, with a message on stderr)."""
     from . import bench
     from .cli import PROG, parse_lengths
-    from .setups import load_with_attention, parse_attention
+    from .setups import LOAD_ERRORS, load_for_job, parse_attention
 
     def fail(message: str) -> int:
         print(f"{PROG} passkey: error: {message}", file=sys.stderr)
@@ -654,19 +654,10 @@ def run(args: argparse.Namespace, command: str) -> int:
     if args.threads is not None and args.threads < 1:
         return fail(f"--threads must be >= 1, got {args.threads}")
     try:
-        device = bench.resolve_device(args.device)
-    except RuntimeError as err:
+        model, tokenizer, device, load_s = load_for_job(
+            args.model, setup, device=args.device, dtype=args.dtype, threads=args.threads, cache_dir=args.cache_dir)
+    except LOAD_ERRORS as err:
         return fail(str(err))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
-    start = time.perf_counter()
-    try:
-        model, tokenizer = load_with_attention(args.model, setup, dtype=None if args.dtype == "auto" else args.dtype,
-                                               device=device, cache_dir=args.cache_dir)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as err:
-        return fail(str(err))
-    load_s = time.perf_counter() - start
     try:
         builder = PromptBuilder(tokenizer, bos={"auto": None, "yes": True, "no": False}[args.bos])
     except ValueError as err:

@@ -321,20 +321,10 @@ def run(args, command: str) -> int:
     except ValueError as err:
         return fail(f"--attention: {err}")
     try:
-        device = bench.resolve_device(args.device)
-    except RuntimeError as err:
+        model, tokenizer, device, load_s = setups.load_for_job(
+            args.model, setup, device=args.device, dtype=args.dtype, threads=args.threads, cache_dir=args.cache_dir)
+    except setups.LOAD_ERRORS as err:
         return fail(str(err))
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-
-    start = time.perf_counter()
-    try:
-        model, tokenizer = setups.load_with_attention(
-            args.model, setup, dtype=None if args.dtype == "auto" else args.dtype, device=device,
-            cache_dir=args.cache_dir)
-    except (FileNotFoundError, TypeError, ValueError) as err:
-        return fail(str(err))
-    load_s = time.perf_counter() - start
     dtype = next(model.parameters()).dtype
 
     if args.text is not None:

@@ -26,7 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AttentionSetup", "parse_attention", "load_with_attention", "apply_attention"]
+__all__ = ["AttentionSetup", "parse_attention", "load_with_attention", "load_for_job", "apply_attention"]
 
 KINDS = ("full", "eager", "tensorized", "window")
 ROPE_TYPES = ("linear", "yarn")
@@ -163,3 +163,28 @@ def load_with_attention(name_or_path, setup: AttentionSetup, **kwargs):
         if path.is_dir():  # a trained checkpoint keeps its gates
             hf.restore_gates(model, path)
     return model, tokenizer
+
+
+#: What :func:`load_for_job` raises for a device, model or setup it cannot provide.
+LOAD_ERRORS = (RuntimeError, FileNotFoundError, TypeError, ValueError, ImportError)
+
+
+def load_for_job(name_or_path, setup: AttentionSetup, *, device: str = "auto", dtype: str = "auto",
+                 threads: int | None = None, cache_dir=None):
+    """The common start of the evaluation jobs (``perplexity``, ``passkey``): resolve
+    ``device`` (auto, cpu, cuda), set torch's CPU threads when given, and load the model
+    with ``setup`` (:func:`load_with_attention`; ``dtype`` "auto" is the loader's default).
+    Returns ``(model, tokenizer, device, load_seconds)``; raises one of :data:`LOAD_ERRORS`."""
+    import time
+
+    import torch
+
+    from .bench import resolve_device
+
+    device = resolve_device(device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    model, tokenizer = load_with_attention(name_or_path, setup, dtype=None if dtype == "auto" else dtype,
+                                           device=device, cache_dir=cache_dir)
+    return model, tokenizer, device, time.perf_counter() - start
