@@ -76,6 +76,28 @@ def test_study_trains_then_evaluates_the_trained_model(setup, capsys):
     assert "$ tensorized-attention train" not in printed and "$ tensorized-attention perplexity" in printed
 
 
+def test_study_stopped_before_its_budget_resumes_then_evaluates(setup, tmp_path, capsys):
+    """A training cut by --stop-after (or --time-limit) evaluates nothing; the same command
+    run again resumes it from its checkpoint and then evaluates the trained model."""
+    root, checkpoint = setup
+    argv = _args(root, checkpoint, out=tmp_path / "out", work=tmp_path / "work")
+    first = argv + ["--train-args", "--log-every 1 --save-every 2 --no-progress --stop-after 2"]
+    assert main(["study", *first]) == 0
+    assert "run the same command again to resume" in capsys.readouterr().out
+    out = tmp_path / "out" / "pilot"
+    assert json.loads((out / "train_summary.json").read_text())["steps_done"] == 2
+    assert not (out / "perplexity.json").exists() and not (tmp_path / "work" / "pilot" / "train" / "final").exists()
+    assert main(["study", *argv, "--stages", "train"]) == 0
+    assert "--resume" in capsys.readouterr().out
+    assert json.loads((out / "train_summary.json").read_text())["steps_done"] == 4
+    assert not (out / "perplexity.json").exists()
+    assert main(["study", *argv]) == 0
+    assert "$ tensorized-attention train" not in capsys.readouterr().out
+    assert (out / "perplexity.json").exists() and (out / "passkey" / "passkey.json").exists()
+    with pytest.raises(SystemExit):
+        main(["study", *argv, "--stages", "train,eval"])
+
+
 def test_report_rebuilds_results_from_the_json(setup, tmp_path):
     """benchmarks/study_report.py renders what the study wrote (and 'not run' for the rest)."""
     import sys

@@ -14,7 +14,8 @@ order and in one process, the commands a user would type (each writes its own JS
 3. ``passkey`` at ``--passkey-lengths``, ``OUT/NAME/passkey.json`` and a heat map.
 
 The evaluated model is the trained one (``WORK/NAME/train/final``) or the model as shipped.
-``--dry-run`` prints the commands instead of running them.
+``--stages`` runs some of the three (e.g. ``--stages train`` when one call of limited time
+should only train); ``--dry-run`` prints the commands instead of running them.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import shlex
 import shutil
 from dataclasses import dataclass
 
-__all__ = ["CONFIGS", "Config", "study_commands"]
+__all__ = ["CONFIGS", "Config", "STAGES", "study_commands"]
 
+STAGES = ("train", "perplexity", "passkey")
 TENSOR_FOLD = '{"shape": [null, 256], "mode": "%s", "order": [0, 1], "positions": "tensor"}'
 
 
@@ -112,7 +114,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="results root: OUT/CONFIG/ gets the JSON (train summary and log, perplexity, passkey)")
     p.add_argument("--work", default=os.path.join("results", "study-work"),
                    help="checkpoints root: WORK/CONFIG/train/ (checkpoints, final/; large, not results)")
+    p.add_argument("--stages", default=",".join(STAGES), type=_stages,
+                   help="the stages to run, a comma list of " + ", ".join(STAGES) + " (default: all; a stage "
+                        "whose work is done is skipped anyway)")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+
+
+def _stages(text: str) -> tuple[str, ...]:
+    names = tuple(x.strip() for x in text.split(",") if x.strip())
+    unknown = [x for x in names if x not in STAGES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--stages takes a comma list of {', '.join(STAGES)}, got {text!r}")
+    return names
 
 
 def run(args: argparse.Namespace, command: str) -> int:
@@ -121,6 +134,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     from .cli import PROG, main
 
     for argv in study_commands(args.config, args):
+        if argv[0] not in args.stages:
+            continue
         print("$ " + shlex.join([PROG, *argv]), flush=True)
         if args.dry_run:
             continue
@@ -132,4 +147,8 @@ def run(args: argparse.Namespace, command: str) -> int:
             os.makedirs(os.path.join(args.out, args.config), exist_ok=True)
             for name in ("train_summary.json", "train_log.jsonl"):
                 shutil.copy(os.path.join(train_dir, name), os.path.join(args.out, args.config, name))
+            if not os.path.isdir(os.path.join(train_dir, "final")):
+                print(f"training stopped before its budget (checkpoints in {train_dir}): run the same command "
+                      "again to resume it; the evaluation runs once training is done", flush=True)
+                return 0
     return 0
