@@ -101,6 +101,18 @@ def test_auto_picks_triton_on_cuda_only():
     assert available_backends(DEVICE)[0] == ("triton" if CUDA else "reference")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []), ids=str)
+def test_gated_softmax_gradient_rows_sum_to_zero(dtype):
+    """A query that reads one key has a softmax of exactly 1 whatever its score, so q and k
+    get no gradient. With a gate, dO = (1 - g) dOut is rounded to the input dtype for the
+    dots: the row statistic delta = rowsum(dO * O) must use that same rounded dO, or
+    dS = P (dP - delta) is off by the rounding and dq, dk are not zero."""
+    q, k, v, shape, opts = _inputs(((5, 3), 1, True, "complete", None, 2, 1, 16, True, 4), dtype)
+    out = tensorized_attn(q, k, v, shape, backend="triton", **opts)
+    dq, dk = torch.autograd.grad(out, [q, k], torch.randn_like(out))
+    assert dq.abs().max().item() < 1e-5 and dk.abs().max().item() < 1e-5
+
+
 def test_repeated_backward_is_identical():
     """No atomics: the same inputs give bit-identical gradients."""
     case = ((64, 64), 4096, True, "complete", None, 8, 2, 128, True, 4) if CUDA else (

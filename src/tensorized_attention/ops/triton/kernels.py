@@ -301,10 +301,12 @@ def _bwd_dq_kernel(
         do = (1.0 - g) * dout
     else:
         do = dout
-    delta = tl.sum(do * attn, 1)
+    # delta from dO as the dots will see it (rounded to the input dtype), so that each row's
+    # dS = P (dP - delta) sums to zero as it must; the dk/dv and sink kernels round alike
+    do = do.to(Q.dtype.element_ty)
+    delta = tl.sum(do.to(tl.float32) * attn, 1)
     tl.store(Delta + bh.to(tl.int64) * N + pos_q, delta, mask=q_ok)
     lse = tl.load(Lse + bh.to(tl.int64) * N + pos_q, mask=q_ok, other=float("inf"))
-    do = do.to(Q.dtype.element_ty)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     if HAS_SINKS:
