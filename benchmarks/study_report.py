@@ -7,7 +7,9 @@ Reads ``ROOT/CONFIG/train_summary.json``, ``ROOT/CONFIG/perplexity.json`` and
 ``ROOT/CONFIG/passkey/passkey.json`` for every configuration of
 ``tensorized_attention.study.CONFIGS`` (what is missing reads "not run"), writes the
 Markdown, a perplexity-against-length plot (``results_ppl.png``) and one passkey heat map
-per configuration (``results_passkey_CONFIG.png``) beside ``--out``.
+per configuration (``results_passkey_CONFIG.png``) beside ``--out``, the study's targets
+computed from the numbers, and last ``ROOT/reading.md``: the written reading of the results
+(it names no number the tables do not show).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 import os
 
 from tensorized_attention.study import CONFIGS
+
+READING = "reading.md"
 
 
 def _load(path):
@@ -87,8 +91,8 @@ def render(results: dict[str, dict], plot_dir: str, plots: bool = True) -> str:
         cells = [f"{by[n]['perplexity']:.2f}" if n in by else "–" for n in lengths]
         out.append(f"| {name} | " + (" | ".join(cells) if by else "not run" + " |" * (len(lengths) - 1)) + " |")
     out += ["", "Forward time and peak memory per window (the perplexity runs):", "",
-            "| configuration | " + " | ".join(f"{_label(n)} s / GiB" for n in lengths) + " |",
-            "|---|" + "---:|" * len(lengths)]
+            "| configuration | " + " | ".join(f"{_label(n)} s / GiB" for n in lengths) + " | device |",
+            "|---|" + "---:|" * len(lengths) + "---|"]
     for name, v in results.items():
         if not v["perplexity"]:
             continue
@@ -101,7 +105,8 @@ def render(results: dict[str, dict], plot_dir: str, plots: bool = True) -> str:
                 continue
             peak = r.get("peak_memory_mb")
             cells.append(f"{r['seconds'] / r['windows']:.2f}" + (f" / {peak / 1024:.1f}" if peak else ""))
-        out.append(f"| {name} | " + " | ".join(cells) + " |")
+        device = v["perplexity"].get("device") or {}
+        out.append(f"| {name} | " + " | ".join(cells) + f" | {device.get('name') or device.get('device', '')} |")
     out += ["", "## Passkey", "", "| configuration | " + " | ".join(_label(n) for n in keys) + " |",
             "|---|" + "---:|" * len(keys)]
     for name, v in results.items():
@@ -109,9 +114,61 @@ def render(results: dict[str, dict], plot_dir: str, plots: bool = True) -> str:
         by = {q["length"]: q for q in p["per_length"]} if p else {}
         cells = [f"{by[n]['successes']}/{by[n]['trials']}" if n in by else "–" for n in keys]
         out.append(f"| {name} | " + (" | ".join(cells) if by else "not run" + " |" * (len(keys) - 1)) + " |")
+    out += ["", *_targets(results)]
     if plots:
         out += ["", *_plots(results, lengths, plot_dir)]
     return "\n".join(out) + "\n"
+
+
+def _ppl(results, name, n):
+    v = results.get(name) or {}
+    rows = {r["context"]: r["perplexity"] for r in (v.get("perplexity") or {}).get("results", [])}
+    return rows.get(n)
+
+
+def _passkey_rate(results, name, n):
+    p = (results.get(name) or {}).get("passkey")
+    rows = {q["length"]: q for q in p["per_length"]} if p else {}
+    return rows[n]["successes"] / rows[n]["trials"] if n in rows else None
+
+
+def _targets(results) -> list[str]:
+    """The study's targets, each computed from the results (or 'not run yet')."""
+    k32, k128 = 32768, 131072
+    lengths = sorted({r["context"] for v in results.values() if v["perplexity"] for r in v["perplexity"]["results"]})
+    rows = []
+
+    def row(target, value, met):
+        rows.append(f"| {target} | {value} | {'–' if met is None else 'met' if met else 'missed'} |")
+
+    a, b = _ppl(results, "complete", k32), _ppl(results, "full-pi4", k32)
+    row("`complete` at 32k within 5% of `full-pi4` (trained the same way)",
+        f"{a / b:.3f}x" if a and b else "not run yet", a / b <= 1.05 if a and b else None)
+    a, b = _ppl(results, "complete", k128), _ppl(results, "complete", k32)
+    row("`complete` at 128k no worse than 1.05x its own 32k", f"{a / b:.3f}x" if a and b else "not run yet",
+        a / b <= 1.05 if a and b else None)
+    a, b = _ppl(results, "base", k128), _ppl(results, "base", 8192)
+    row("full attention without training degrades at 128k (`base`, 128k over 8k)",
+        f"{a / b:.1f}x" if a and b else "not run yet", a / b > 1.05 if a and b else None)
+    for name in ("complete", "pilot"):
+        r = _passkey_rate(results, name, k128)
+        row(f"passkey at 128k >= 90% (`{name}`)", f"{r:.0%}" if r is not None else "not run yet",
+            r >= 0.9 if r is not None else None)
+    pairs = [(n, _ppl(results, "complete", n), _ppl(results, "block", n)) for n in lengths]
+    pairs = [(n, c, bl) for n, c, bl in pairs if c and bl]
+    row("`complete` better than `block` at every length",
+        ", ".join(f"{_label(n)}: {c:.2f} vs {bl:.2f}" for n, c, bl in pairs) or "not run yet",
+        all(c < bl for _, c, bl in pairs) if pairs else None)
+    p, w = results.get("pilot") or {}, results.get("window") or {}
+    if p.get("passkey") and w.get("passkey") and p.get("perplexity") and w.get("perplexity"):
+        pk = p["passkey"]["accuracy"], w["passkey"]["accuracy"]
+        worse = [n for n in lengths if (_ppl(results, "pilot", n) or 0) > (_ppl(results, "window", n) or float("inf"))]
+        row("`pilot` better than `window` on passkey", f"{pk[0]:.0%} vs {pk[1]:.0%}", pk[0] > pk[1])
+        row("`pilot` no worse than `window` on perplexity",
+            "worse at " + ", ".join(_label(n) for n in worse) if worse else "no worse at any length", not worse)
+    else:
+        row("`pilot` better than `window` on passkey, no worse on perplexity", "not run yet", None)
+    return ["## Targets", "", "| target | measured | |", "|---|---|---|", *rows]
 
 
 def _plots(results, lengths, plot_dir) -> list[str]:
@@ -158,6 +215,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     plot_dir = os.path.dirname(args.out) or "."
     text = render(collect(args.root), plot_dir, plots=not args.no_plots)
+    reading = os.path.join(args.root, READING)
+    if os.path.isfile(reading):  # the written reading of the numbers above, kept beside them
+        with open(reading) as f:
+            text += "\n" + f.read()
     with open(args.out, "w") as f:
         f.write(text)
     print(f"wrote {args.out}")
