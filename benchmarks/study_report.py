@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 
 from tensorized_attention.study import CONFIGS
 
@@ -30,11 +31,21 @@ def _load(path):
         return json.load(f)
 
 
+def _load_log(path):
+    """The training rows of a train_log.jsonl (every invocation of a resumed run)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r.get("kind") == "train"]
+
+
 def collect(root: str) -> dict[str, dict]:
     """Per configuration: its train summary, perplexity and passkey results (or None)."""
     return {
         name: {
             "train": _load(os.path.join(root, name, "train_summary.json")),
+            "train_log": _load_log(os.path.join(root, name, "train_log.jsonl")),
             "perplexity": _load(os.path.join(root, name, "perplexity.json")),
             "passkey": _load(os.path.join(root, name, "passkey", "passkey.json")),
         }
@@ -64,7 +75,11 @@ def render(results: dict[str, dict], plot_dir: str, plots: bool = True) -> str:
             *[f"tensorized-attention study --config {name} --data corpus --out benchmarks/results/study"
               for name in CONFIGS],
             "python benchmarks/study_report.py benchmarks/results/study --out docs/results.md", "```", ""]
-    out += ["## Training", "", "| configuration | tokens | steps | context | final loss | tokens/s | MFU | device |",
+    out += ["## Training", "",
+            "From each run's `train_log.jsonl` (all its invocations, when a run was resumed): the loss is the mean",
+            "of the last five logged steps, tokens/s and MFU the medians of the logged steps (MFU counts the",
+            "FLOPs each attention does: tensorized attention does far fewer than full attention at 32k).", "",
+            "| configuration | tokens | steps | context | final loss | tokens/s | MFU | device |",
             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, v in results.items():
         t = v["train"]
@@ -73,13 +88,18 @@ def render(results: dict[str, dict], plot_dir: str, plots: bool = True) -> str:
         if t is None:
             out.append(f"| {name} | not run | | | | | | |")
             continue
-        mfu = f"{t['mfu']:.1%}" if t.get("mfu") is not None else "–"
+        log = v.get("train_log") or []
+        loss = statistics.fmean(r["loss"] for r in log[-5:]) if log else t["final_loss"]
+        tps = statistics.median(r["tokens_per_s"] for r in log) if log else t["tokens_per_s"]
+        mfus = [r["mfu"] for r in log if r.get("mfu") is not None]
+        mfu = statistics.median(mfus) if mfus else t.get("mfu")
+        mfu = f"{mfu:.1%}" if mfu is not None else "–"
         device = t.get("device") or {}
         device = device.get("name") or device.get("gpu") or device.get("device", "") if isinstance(device, dict) \
             else str(device)
         done = "" if t.get("finished") else f" ({t['steps_done']} done)"
         out.append(f"| {name} | {t['train_tokens']:,} | {t['steps']}{done} | {t['hyperparameters']['context']:,} | "
-                   f"{t['final_loss']:.3f} | {t['tokens_per_s']:,.0f} | {mfu} | {device} |")
+                   f"{loss:.3f} | {tps:,.0f} | {mfu} | {device} |")
     if not lengths and not keys:
         out += ["", "## Perplexity and passkey", "", "No configuration has been evaluated yet.", ""]
         return "\n".join(out) + "\n"
