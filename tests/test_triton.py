@@ -101,6 +101,63 @@ def test_auto_picks_triton_on_cuda_only():
     assert available_backends(DEVICE)[0] == ("triton" if CUDA else "reference")
 
 
+def _inv_freq(D, base=10000.0):
+    return (1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float64) / D))).float().to(DEVICE)
+
+
+# (shape, seqlen, mode, order, heads, kv_heads, headdim, gate, sinks, rotated, attention_scaling)
+POSITION_CASES = [
+    ((4, 5), 20, "complete", None, 2, 1, 16, False, 0, False, 1.0),
+    ((4, 5), 17, "complete", (1, 0), 4, 2, 16, True, 3, True, 1.0),
+    ((3, 4, 5), 55, "block", (2, 0, 1), 4, 2, 32, True, 2, True, 1.3),
+    ((3, 4, 5), 60, "complete", None, 2, 2, 16, False, 4, False, 0.8),
+    ((9, 5), 17, "complete", None, 2, 1, 16, True, 3, True, 1.0),  # rows 4..8 hold no position
+]
+if CUDA:
+    POSITION_CASES += [
+        ((64, 64), 4096, "complete", None, 8, 2, 128, True, 4, True, 1.0),
+        ((16, 16, 16), 3001, "block", (2, 0, 1), 4, 4, 64, True, 4, True, 1.2),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", POSITION_CASES, ids=lambda c: f"{c[0]}-N{c[1]}-{c[2]}-{'rot' if c[9] else 'raw'}")
+def test_tensor_positions_match_oracle(case, dtype):
+    """Rotary tensor positions (DESIGN.md §3) on the Triton backend: outputs and gradients
+    against the float64 dense oracle, within 3x (+eps) of the reference backend's error in
+    the same dtype (float32: within 1e-4). Rotated inputs arrive as a Hugging Face layer
+    hands them over (rotated and scaled at 0 .. N-1)."""
+    from oracle import oracle_with_positions
+
+    from tensorized_attention import TensorPositions
+    from tensorized_attention.rope import rotate
+
+    shape, N, mode, order, H, Hkv, D, gate, sinks, rotated, scaling = case
+    inv = _inv_freq(D)
+    q, k, v = torch.randn(1, N, H, D, device=DEVICE), *torch.randn(2, 1, N, Hkv, D, device=DEVICE)
+    if rotated:
+        q, k = (rotate(x.transpose(1, 2), torch.arange(N, device=DEVICE), inv, scale=scaling).transpose(1, 2)
+                for x in (q, k))
+    q, k, v = (x.to(dtype).requires_grad_() for x in (q, k, v))
+    g = torch.rand(H, len(shape), device=DEVICE).requires_grad_() if gate else None
+    opts = dict(mode=mode, order=order, sinks=sinks, gate=g,
+                positions=TensorPositions(inv, attention_scaling=scaling, rotated=rotated))
+    leaves = [q, k, v] + ([g] if gate else [])
+    out = tensorized_attn(q, k, v, shape, backend="triton", **opts)
+    low = tensorized_attn(q, k, v, shape, backend="reference", **opts)
+    ref = oracle_with_positions(q, k, v, shape, inv, rotated=rotated, attention_scaling=scaling,
+                                **{key: x for key, x in opts.items() if key != "positions"})
+    dout = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, leaves, dout.to(dtype))
+    grads_low = torch.autograd.grad(low, leaves, dout.to(dtype))
+    grads_ref = torch.autograd.grad(ref, leaves, dout)
+    factor, eps = (1.0, 1e-4) if dtype == torch.float32 else (3.0, 2e-3)
+    assert _max_err(out, ref) <= factor * _max_err(low, ref) + eps
+    for name, gr, g_ref, g_low in zip("qkvg", grads, grads_ref, grads_low, strict=False):
+        scale = g_ref.abs().max().item() + 1.0
+        assert _max_err(gr, g_ref) <= factor * _max_err(g_low, g_ref) + eps * scale, name
+
+
 @pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if CUDA else []), ids=str)
 def test_gated_softmax_gradient_rows_sum_to_zero(dtype):
     """A query that reads one key has a softmax of exactly 1 whatever its score, so q and k
@@ -152,17 +209,29 @@ def test_no_grad_needs_no_saved_state():
     case = ((3, 4, 5), 60, True, "complete", None, 2, 1, 16, True, 2)
     q, k, v, shape, opts = _inputs(case, torch.float32, requires_grad=False)
     g = opts["gate"].detach()
-    out, values, attn, lse = triton_fwd(q, k, v, g, list(shape), [0, 1, 2], True, True, 2, 0.25, False)
+    out, values, attn, lse = triton_fwd(q[None], k[None], v, g, None, None, list(shape), [0, 1, 2], True, True, 2,
+                                        0.25, False)
     assert values.numel() == attn.numel() == lse.numel() == 0
     ref = oracle(q, k, v, shape, gate=g, sinks=2, softmax_scale=0.25)
     assert _max_err(out, ref) < 1e-4
 
 
-def test_opcheck():
+@pytest.mark.parametrize("per_pass", [False, True], ids=["shared", "per-pass"])
+def test_opcheck(per_pass):
+    """The op with one q and k for all passes, and with per-pass q and k and sink queries
+    and keys (what rotary tensor positions hand it)."""
     case = ((3, 5), 14, True, "complete", None, 2, 1, 16, True, 2)
     q, k, v, shape, opts = _inputs(case, torch.float32)
     gate = opts["gate"].detach().clone().requires_grad_()
-    args = (q, k, v, gate, list(shape), [0, 1], True, True, 2, 0.25, True)
+    sink_q = sink_k = None
+    if per_pass:
+        q = torch.randn(2, *q.shape, device=DEVICE, requires_grad=True)
+        k = torch.randn(2, *k.shape, device=DEVICE, requires_grad=True)
+        sink_q = torch.randn(q.shape[1:], device=DEVICE, requires_grad=True)
+        sink_k = torch.randn(2, 1, 2, k.shape[3], k.shape[4], device=DEVICE, requires_grad=True)
+    else:
+        q, k = q[None].detach().requires_grad_(), k[None].detach().requires_grad_()
+    args = (q, k, v, gate, sink_q, sink_k, list(shape), [0, 1], True, True, 2, 0.25, True)
     # AOT tracing through wrap_triton needs real kernels: under the interpreter only the
     # schema, autograd registration and fake-tensor checks run; on a GPU all of them.
     utils = None if CUDA else ("test_schema", "test_autograd_registration", "test_faketensor")

@@ -130,7 +130,8 @@ def tensorized_attn(
         positions: None (q and k are used as given), or a
             :class:`tensorized_attention.rope.TensorPositions`: rotary embeddings at tensor
             positions, pass j rotating position p at ``p // s_j`` and seeing sink i at the
-            fixed distance ``n_j + S - 1 - i`` (DESIGN.md §3). Reference backend only.
+            fixed distance ``n_j + S - 1 - i`` (DESIGN.md §3). The Triton backend takes each
+            pass's rotated q and k (a rotated copy per pass: m copies of q and k).
         backend: ``"auto"`` (the best available for q's device and dtype: ``"triton"`` on
             CUDA, else ``"reference"``), ``"reference"`` (PyTorch, any device, autograd)
             or ``"triton"`` (fused kernels; float16 / bfloat16 / float32, headdim <= 256).
@@ -171,12 +172,12 @@ def tensorized_attn(
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     _check_positions(positions, D, q.device)
-    backend = _choose_backend(backend, q, positions)
+    backend = _choose_backend(backend, q)
     options = dict(causal=causal, mode=mode, order=order, gate=gate, sinks=sinks, softmax_scale=float(softmax_scale))
-    if backend == "triton":  # never with positions (_choose_backend)
+    if backend == "triton":
         from .triton import tensorized_attn_triton
 
-        return tensorized_attn_triton(q, k, v, shape, **options)
+        return tensorized_attn_triton(q, k, v, shape, positions=positions, **options)
     return tensorized_attn_reference(q, k, v, shape, positions=positions, **options)
 
 
@@ -253,15 +254,10 @@ def _check_positions(positions, headdim: int, device: torch.device) -> None:
         raise ValueError(f"positions.inv_freq must be on q's device {device}, got {inv_freq.device}")
 
 
-def _choose_backend(backend: str, q: torch.Tensor, positions=None) -> str:
+def _choose_backend(backend: str, q: torch.Tensor) -> str:
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     names = available_backends(q.device)
-    if positions is not None:
-        if backend == "triton":
-            raise ValueError("backend 'triton' does not take positions (tensor positions run on the reference "
-                             "backend); use backend='auto' or 'reference'")
-        return "reference"
     if backend == "auto":
         if names[0] == "triton" and (q.dtype not in TRITON_DTYPES or q.shape[-1] > TRITON_MAX_HEADDIM):
             return "reference"

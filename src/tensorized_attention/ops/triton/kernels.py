@@ -21,7 +21,9 @@ visits only the key tiles its rows can read: about ``n + BLOCK_M`` keys for
 pass transposes or copies q, k or the values.
 
 Sinks (positions ``0 .. S-1``) are one extra key tile, visited first, masked to the
-queries whose pass mask does not already hold them.
+queries whose pass mask does not already hold them. With rotary tensor positions the
+caller gives the sinks their own queries and keys (``SQ``, ``SK``): a sink sits at a fixed
+distance from every query, which no single rotation of q and k can express.
 
 Softmax statistics are kept in base 2: ``lse2 = log2(sum(exp2(scores * scale * log2 e)))``.
 """
@@ -130,11 +132,13 @@ def _fwd_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, offs_a, offs_d, d_ok,
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, Out, Attn, Lse, Gate,
+    Q, K, V, Out, Attn, Lse, Gate, SQ, SK,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh,
+    stride_sqb, stride_sqn, stride_sqh,
+    stride_skb, stride_skn, stride_skh,
     stride_gh, gate_col,
     N, H, BH, A, n, s, n_sinks, scale_log2,
     GROUP: tl.constexpr,  # query heads per kv head
@@ -142,9 +146,11 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     COMPLETE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_GATE: tl.constexpr, HAS_SINKS: tl.constexpr, STORE_ATTN: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_SINKS: tl.constexpr, SINK_Q: tl.constexpr, STORE_ATTN: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """One pass. The sinks are scored with the queries SQ when SINK_Q (else Q) against the
+    keys SK (rows 0 .. n_sinks - 1; SK is K itself unless the caller gives other sink keys)."""
     bh, b, h, a0, r = _query_program(BH, H, A, s, BLOCK_M)
     if a0 * s + r >= N:
         return
@@ -169,11 +175,16 @@ def _fwd_kernel(
     if HAS_SINKS:
         offs_s = tl.arange(0, BLOCK_S)
         s_ok = offs_s < n_sinks
-        ks = tl.load(k_base + offs_s.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
-                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        ks = tl.load(SK + b.to(tl.int64) * stride_skb + hk * stride_skh + offs_s.to(tl.int64)[:, None] * stride_skn
+                     + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
         vs = tl.load(v_base + offs_s.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
                      mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(ks), input_precision=PRECISION) * scale_log2
+        if SINK_Q:
+            qs = tl.load(SQ + b.to(tl.int64) * stride_sqb + h * stride_sqh + pos_q.to(tl.int64)[:, None] * stride_sqn
+                         + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            qs = q
+        scores = tl.dot(qs, tl.trans(ks), input_precision=PRECISION) * scale_log2
         allowed = _sink_mask(offs_a, pos_q, r, offs_s, n_sinks, n, s, COMPLETE, CAUSAL)
         scores = tl.where(allowed, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -256,24 +267,29 @@ def _dkdv_tile(dk, dv, kt, vt, q_base, o_base, Lse, Delta, bh, gh, start, hi, of
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DOut, Attn, Lse, Delta, DgPart, DQ, Gate,
+    Q, K, V, DOut, Attn, Lse, Delta, DgPart, DQ, Gate, SQ, SK, DQS,
     stride_qb, stride_qn, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     stride_ob, stride_on, stride_oh,
+    stride_sqb, stride_sqn, stride_sqh,
+    stride_skb, stride_skn, stride_skh,
     stride_gh, gate_col,
     N, H, BH, A, n, s, n_sinks, scale_log2, scale,
     GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     COMPLETE: tl.constexpr, CAUSAL: tl.constexpr,
-    HAS_GATE: tl.constexpr, HAS_SINKS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_SINKS: tl.constexpr, SINK_Q: tl.constexpr,
+    ACCUMULATE: tl.constexpr, ACCUMULATE_SINK_Q: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Query-major backward of one pass: delta = rowsum(dO * O), the gate's per-row
     gradient, and dq (added to DQ when ACCUMULATE). DOut is the gradient of the pass's
     output V_t; dO = (1 - g) DOut is the gradient of its attention output O = Attn.
-    DQ, DOut and Attn share the [batch, seqlen, heads, headdim] strides (stride_o*)."""
+    With SINK_Q the sinks were scored with the queries SQ: their share of the gradient goes
+    to DQS (added when ACCUMULATE_SINK_Q) instead of DQ.
+    DQ, DQS, DOut and Attn share the [batch, seqlen, heads, headdim] strides (stride_o*)."""
     bh, b, h, a0, r = _query_program(BH, H, A, s, BLOCK_M)
     if a0 * s + r >= N:
         return
@@ -312,16 +328,28 @@ def _bwd_dq_kernel(
     if HAS_SINKS:
         offs_s = tl.arange(0, BLOCK_S)
         s_ok = offs_s < n_sinks
-        ks = tl.load(k_base + offs_s.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
-                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+        ks = tl.load(SK + b.to(tl.int64) * stride_skb + hk * stride_skh + offs_s.to(tl.int64)[:, None] * stride_skn
+                     + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
         vs = tl.load(v_base + offs_s.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
                      mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(ks), input_precision=PRECISION) * scale_log2
+        if SINK_Q:
+            qs = tl.load(SQ + b.to(tl.int64) * stride_sqb + h * stride_sqh + row_q * stride_sqn + offs_d[None, :],
+                         mask=io_mask, other=0.0)
+        else:
+            qs = q
+        scores = tl.dot(qs, tl.trans(ks), input_precision=PRECISION) * scale_log2
         allowed = _sink_mask(offs_a, pos_q, r, offs_s, n_sinks, n, s, COMPLETE, CAUSAL) & q_ok[:, None]
         p = tl.where(allowed, tl.math.exp2(scores - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vs), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(ks.dtype), ks, input_precision=PRECISION)
+        if SINK_Q:
+            dqs = tl.dot(ds.to(ks.dtype), ks, input_precision=PRECISION) * scale
+            dqs_ptrs = DQS + o_off + row_q * stride_on + offs_d[None, :]
+            if ACCUMULATE_SINK_Q:
+                dqs += tl.load(dqs_ptrs, mask=io_mask, other=0.0).to(tl.float32)
+            tl.store(dqs_ptrs, dqs.to(DQS.dtype.element_ty), mask=io_mask)
+        else:
+            dq += tl.dot(ds.to(ks.dtype), ks, input_precision=PRECISION)
 
     lo, hi = _key_range(a0, n, A, BLOCK_M, BLOCK_N, COMPLETE, CAUSAL)
     for start in range(lo, hi, BLOCK_N):
@@ -430,7 +458,8 @@ def _bwd_sink_kernel(
     """Gradients of the sink keys and values for the reads outside the pass mask: one
     program sums over a chunk of consecutive positions of one (batch, query head) and
     writes its partial [BLOCK_S, headdim] sums to DKS / DVS[program] (reduced by the
-    caller, in a fixed order, so results are deterministic)."""
+    caller, in a fixed order, so results are deterministic). Q and K are the queries and
+    keys the sinks were scored with (the pass's own, or the sink queries and keys)."""
     pid = tl.program_id(0)
     bh = pid % BH
     c = pid // BH

@@ -21,6 +21,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from ...fold import fold_size, strides
+from ...rope import pass_positions, rotate, sink_distances
 from .kernels import LOG2E, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_sink_kernel, _fwd_kernel
 
 SINK_CHUNK = 4096  # positions summed by one program of the sink-gradient kernel
@@ -71,39 +72,55 @@ def _sink_block(sinks: int, seqlen: int) -> tuple[int, int]:
     return count, max(16, triton.next_power_of_2(max(count, 1)))
 
 
-def fwd_pass(q, k, src, dst, attn, lse, gate, t, n, s, A, *, causal, complete, sinks, scale, cfg=None):
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _pick(stack: torch.Tensor, t: int) -> torch.Tensor:
+    """Pass t's slice of a per-pass stack [P, ...] (P = 1: one tensor shared by all passes)."""
+    return stack[t if stack.shape[0] > 1 else 0]
+
+
+def fwd_pass(q, k, src, dst, attn, lse, gate, t, n, s, A, *, causal, complete, sinks, scale, cfg=None,
+             sink_q=None, sink_k=None):
     """Launch the forward of one pass (pass number ``t`` along a dimension of size ``n``
     and stride ``s``; ``A = prod(shape) / s``): reads q, k and the values ``src``, writes
-    ``dst`` (and the attention output ``attn`` when given, gated passes), and ``lse``."""
+    ``dst`` (and the attention output ``attn`` when given, gated passes), and ``lse``.
+    The sinks are scored with ``sink_q`` (default q) against ``sink_k`` (default the first
+    rows of k)."""
     B, N, H, D = q.shape
     n_sinks, block_s = _sink_block(sinks, N)
     cfg = cfg or block_config(n, D, "fwd_contiguous" if s == 1 else "fwd")
     gate_arg = gate if gate is not None else lse
+    sq = sink_q if sink_q is not None else q
+    sk = sink_k if sink_k is not None else k
     grid = (triton.cdiv(A, cfg["BLOCK_M"]) * s * B * H,)
     wrap_triton(_fwd_kernel)[grid](
-        q, k, src, dst, attn if attn is not None else dst, lse, gate_arg,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        src.stride(0), src.stride(1), src.stride(2),
-        dst.stride(0), dst.stride(1), dst.stride(2),
+        q, k, src, dst, attn if attn is not None else dst, lse, gate_arg, sq, sk,
+        *_strides(q), *_strides(k), *_strides(src), *_strides(dst), *_strides(sq), *_strides(sk),
         gate.stride(0) if gate is not None else 0, t,
         N, H, B * H, A, n, s, n_sinks, scale * LOG2E,
         GROUP=H // k.shape[2], V_GROUP=H // src.shape[2], HEAD_DIM=D, BLOCK_S=block_s,
         COMPLETE=complete, CAUSAL=causal, HAS_GATE=gate is not None, HAS_SINKS=n_sinks > 0,
-        STORE_ATTN=attn is not None, PRECISION=_precision(q.dtype), **cfg,
+        SINK_Q=sink_q is not None, STORE_ATTN=attn is not None, PRECISION=_precision(q.dtype), **cfg,
     )
 
 
 @triton_op("tensorized_attention::triton_fwd", mutates_args=())
 def triton_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
+    sink_q: torch.Tensor | None, sink_k: torch.Tensor | None,
     shape: list[int], order: list[int], causal: bool, complete: bool, sinks: int,
     scale: float, for_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, values, attn, lse): values [m-1, B, N, H, D] = the inputs of passes
+    """q [Pq, B, N, H, D] and k [Pk, B, N, Hkv, D]: the queries and keys of each pass
+    (Pq, Pk = m), or one for all (1); v [B, N, Hkv, D]. sink_q [B, N, H, D] and sink_k
+    [m, B, S, Hkv, D] (S = min(sinks, N)), when given, score the sinks instead of q and the
+    first keys of k (rotary tensor positions: the sinks sit at fixed distances).
+    Returns (out, values, attn, lse): values [m-1, B, N, H, D] = the inputs of passes
     2..m, attn [m, B, N, H, D] = the attention output of each pass (gate only), lse
     [m, B*H, N] float32; the last three are empty unless ``for_backward``."""
-    B, N, H, D = q.shape
+    _, B, N, H, D = q.shape
     m = len(shape)
     P = fold_size(shape)
     st = strides(shape)
@@ -115,8 +132,9 @@ def triton_fwd(
     src = v
     for t, dim in enumerate(order):
         dst = out if t == m - 1 else values[t if keep else t % 2]
-        fwd_pass(q, k, src, dst, attn[t] if attn.numel() else None, lse[t if keep else 0], gate, t,
-                 shape[dim], st[dim], P // st[dim], causal=causal, complete=complete, sinks=sinks, scale=scale)
+        fwd_pass(_pick(q, t), _pick(k, t), src, dst, attn[t] if attn.numel() else None, lse[t if keep else 0],
+                 gate, t, shape[dim], st[dim], P // st[dim], causal=causal, complete=complete, sinks=sinks,
+                 scale=scale, sink_q=sink_q, sink_k=sink_k[t] if sink_k is not None else None)
         src = dst
     if not keep:
         values = q.new_empty((0,))
@@ -126,19 +144,24 @@ def triton_fwd(
 @triton_op("tensorized_attention::triton_bwd", mutates_args=())
 def triton_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None,
+    sink_q: torch.Tensor | None, sink_k: torch.Tensor | None,
     out: torch.Tensor, values: torch.Tensor, attn: torch.Tensor, lse: torch.Tensor,
     shape: list[int], order: list[int], causal: bool, complete: bool, sinks: int, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv, dgate); dgate is [H, m] float32 (empty without a gate)."""
-    B, N, H, D = q.shape
-    Hkv = k.shape[2]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, dgate, dsink_q, dsink_k), shaped as their inputs (dq, dk per
+    pass when q, k are); dgate is [H, m] float32; empty where there is no such input."""
+    Pq, B, N, H, D = q.shape
+    Pk, Hkv = k.shape[0], k.shape[3]
     m = len(shape)
     P = fold_size(shape)
     st = strides(shape)
     dout = dout.contiguous()
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dsink_q = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device) if sink_q is not None else q.new_empty((0,))
+    dsink_k = torch.empty(sink_k.shape, dtype=torch.float32, device=q.device) if sink_k is not None \
+        else q.new_empty((0,))
     dval = q.new_empty((min(m - 1, 2), B, N, H, D))
     delta = torch.empty((B * H, N), dtype=torch.float32, device=q.device)
     dg_rows = torch.empty((B * H, N), dtype=torch.float32, device=q.device) if gate is not None else delta
@@ -152,49 +175,45 @@ def triton_bwd(
         dim = order[t]
         n, s = shape[dim], st[dim]
         A = P // s
+        q_t, k_t, dq_t, dk_t = _pick(q, t), _pick(k, t), _pick(dq, t), _pick(dk, t)
+        sq = sink_q if sink_q is not None else q_t
+        sk = sink_k[t] if sink_k is not None else k_t
         src = v if t == 0 else values[t - 1]
         this_out = out if t == m - 1 else values[t]
         pass_attn = attn[t] if gate is not None else this_out
         dsrc = dv if t == 0 else dval[(m - 1 - t) % 2]
         consts = dict(GROUP=H // Hkv, V_GROUP=H // src.shape[2], HEAD_DIM=D,
                       COMPLETE=complete, CAUSAL=causal, HAS_GATE=gate is not None, PRECISION=precision)
-        common_strides = (
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            src.stride(0), src.stride(1), src.stride(2),
-        )
+        common_strides = (*_strides(q_t), *_strides(k_t), *_strides(src))
         cfg = block_config(n, D, "dq")
         cfg_k = block_config(n, D, "dkdv")
-        # dq kernel needs Attn and DQ to share DOut's strides: all are contiguous [B, N, H, D]
+        # dq kernel needs Attn, DQ and DQS to share DOut's strides: all are contiguous [B, N, H, D]
         pass_attn = pass_attn.contiguous()
         grid_q = (triton.cdiv(A, cfg["BLOCK_M"]) * s * B * H,)
         wrap_triton(_bwd_dq_kernel)[grid_q](
-            q, k, src, grad_out, pass_attn, lse[t], delta, dg_rows, dq, gate_arg,
-            *common_strides,
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            q_t, k_t, src, grad_out, pass_attn, lse[t], delta, dg_rows, dq_t, gate_arg, sq, sk,
+            dsink_q if sink_q is not None else dq_t,
+            *common_strides, *_strides(grad_out), *_strides(sq), *_strides(sk),
             gate_stride, t,
             N, H, B * H, A, n, s, n_sinks, scale * LOG2E, scale,
-            BLOCK_S=block_s, HAS_SINKS=n_sinks > 0, ACCUMULATE=t != m - 1, **consts, **cfg,
+            BLOCK_S=block_s, HAS_SINKS=n_sinks > 0, SINK_Q=sink_q is not None,
+            ACCUMULATE=Pq == 1 and t != m - 1, ACCUMULATE_SINK_Q=t != m - 1, **consts, **cfg,
         )
         grid_k = (triton.cdiv(A, cfg_k["BLOCK_N"]) * s * B * Hkv,)
         wrap_triton(_bwd_dkdv_kernel)[grid_k](
-            q, k, src, grad_out, lse[t], delta, dk, dsrc, gate_arg,
-            *common_strides,
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dsrc.stride(0), dsrc.stride(1), dsrc.stride(2),
+            q_t, k_t, src, grad_out, lse[t], delta, dk_t, dsrc, gate_arg,
+            *common_strides, *_strides(grad_out), *_strides(dk_t), *_strides(dsrc),
             gate_stride, t,
             N, H, B * Hkv, A, n, s, scale * LOG2E, scale,
-            ACCUMULATE=t != m - 1, **consts, **cfg_k,
+            ACCUMULATE=Pk == 1 and t != m - 1, **consts, **cfg_k,
         )
         if n_sinks:
             chunks = triton.cdiv(N, SINK_CHUNK)
             dks = torch.empty((chunks * B * H, block_s, cfg["BLOCK_D"]), dtype=torch.float32, device=q.device)
             dvs = torch.empty_like(dks)
             wrap_triton(_bwd_sink_kernel)[(chunks * B * H,)](
-                q, k, src, grad_out, lse[t], delta, dks, dvs, gate_arg,
-                *common_strides,
-                grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+                sq, sk, src, grad_out, lse[t], delta, dks, dvs, gate_arg,
+                *_strides(sq), *_strides(sk), *_strides(src), *_strides(grad_out),
                 gate_stride, t,
                 N, H, B * H, n, s, n_sinks, scale * LOG2E, SINK_CHUNK,
                 BLOCK_M=cfg["BLOCK_M"], BLOCK_S=block_s, BLOCK_D=cfg["BLOCK_D"],
@@ -204,17 +223,20 @@ def triton_bwd(
             dvs = dvs.view(chunks, B, H, block_s, -1).sum(0)[:, :, :n_sinks, :D]
             dks = dks.view(B, Hkv, H // Hkv, n_sinks, D).sum(2).transpose(1, 2) * scale
             dvs = dvs.view(B, src.shape[2], -1, n_sinks, D).sum(2).transpose(1, 2)
-            dk[:, :n_sinks] += dks.to(dk.dtype)
+            if sink_k is not None:
+                dsink_k[t] = dks
+            else:
+                dk_t[:, :n_sinks] += dks.to(dk.dtype)
             dsrc[:, :n_sinks] += dvs.to(dsrc.dtype)
         if gate is not None:
             dgate[:, t] = dg_rows.view(B, H, N).sum((0, 2))
         grad_out = dsrc
-    return dq, dk, dv, dgate
+    return dq, dk, dv, dgate, dsink_q, dsink_k.to(sink_k.dtype) if sink_k is not None else dsink_k
 
 
 @triton_fwd.register_fake
-def _(q, k, v, gate, shape, order, causal, complete, sinks, scale, for_backward):
-    B, N, H, D = q.shape
+def _(q, k, v, gate, sink_q, sink_k, shape, order, causal, complete, sinks, scale, for_backward):
+    _, B, N, H, D = q.shape
     m = len(shape)
     keep = for_backward
     return (
@@ -226,36 +248,41 @@ def _(q, k, v, gate, shape, order, causal, complete, sinks, scale, for_backward)
 
 
 @triton_bwd.register_fake
-def _(dout, q, k, v, gate, out, values, attn, lse, shape, order, causal, complete, sinks, scale):
-    H, m = q.shape[2], len(shape)
+def _(dout, q, k, v, gate, sink_q, sink_k, out, values, attn, lse, shape, order, causal, complete, sinks, scale):
+    _, B, N, H, D = q.shape
+    m = len(shape)
     return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty_like(k, memory_format=torch.contiguous_format),
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
         torch.empty_like(v, memory_format=torch.contiguous_format),
         q.new_empty((H, m) if gate is not None else (0,), dtype=torch.float32),
+        q.new_empty((B, N, H, D) if sink_q is not None else (0,)),
+        k.new_empty(sink_k.shape if sink_k is not None else (0,)),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, gate, shape, order, causal, complete, sinks, scale, for_backward = inputs
+    q, k, v, gate, sink_q, sink_k, shape, order, causal, complete, sinks, scale, for_backward = inputs
     out, values, attn, lse = output
-    ctx.save_for_backward(q, k, v, gate, out, values, attn, lse)
+    ctx.save_for_backward(q, k, v, gate, sink_q, sink_k, out, values, attn, lse)
     ctx.options = (shape, order, causal, complete, sinks, scale)
     ctx.set_materialize_grads(True)
 
 
 def _backward(ctx, dout, _dvalues, _dattn, _dlse):
-    q, k, v, gate, out, values, attn, lse = ctx.saved_tensors
+    q, k, v, gate, sink_q, sink_k, out, values, attn, lse = ctx.saved_tensors
     if lse.numel() == 0:
         raise RuntimeError("tensorized_attention::triton_fwd was called with for_backward=False; cannot differentiate")
-    dq, dk, dv, dgate = triton_bwd(dout, q, k, v, gate, out, values, attn, lse, *ctx.options)
-    return dq, dk, dv, (dgate if gate is not None else None), None, None, None, None, None, None, None
+    dq, dk, dv, dgate, dsink_q, dsink_k = triton_bwd(dout, q, k, v, gate, sink_q, sink_k, out, values, attn, lse,
+                                                     *ctx.options)
+    return (dq, dk, dv, dgate if gate is not None else None, dsink_q if sink_q is not None else None,
+            dsink_k if sink_k is not None else None, None, None, None, None, None, None, None)
 
 
 triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def tensorized_attn_triton(q, k, v, shape, *, causal, mode, order, gate, sinks, softmax_scale):
+def tensorized_attn_triton(q, k, v, shape, *, causal, mode, order, gate, sinks, softmax_scale, positions=None):
     """The Triton backend behind :func:`tensorized_attention.tensorized_attn`
     (inputs validated there)."""
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -265,11 +292,54 @@ def tensorized_attn_triton(q, k, v, shape, *, causal, mode, order, gate, sinks, 
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, gate)
     )
+    if positions is None:
+        qs, ks, sink_q, sink_k = q[None], k[None], None, None
+    else:
+        qs, ks, sink_q, sink_k = _rotated_per_pass(q, k, shape, order, sinks, positions)
     out, *_ = triton_fwd(
-        q, k, v, gate, list(shape), list(order), causal, mode == "complete", sinks,
+        qs, ks, v, gate, sink_q, sink_k, list(shape), list(order), causal, mode == "complete", sinks,
         float(softmax_scale), needs_grad,
     )
     return out
+
+
+def _rotated_per_pass(q, k, shape, order, sinks, positions):
+    """Rotary tensor positions (DESIGN.md §3) as the kernels take them: the queries and keys
+    of every pass, rotated at ``p // s_j`` ([m, B, N, H(kv), D]), the sink queries (rotated
+    at 0) and the sink keys of every pass (rotated at minus their fixed distance). The
+    rotations are the reference backend's own (rope.rotate, float32 angles), with autograd.
+    A pass of stride 1 over inputs that arrive rotated at their positions takes them as
+    they are (rotating back and forth again would only add rounding)."""
+    N = q.shape[1]
+    pos = torch.arange(N, device=q.device)
+    inv_freq = positions.inv_freq
+    qh, kh = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, N, D]: rotate() wants positions at -2
+    rope_scale = 1.0 if positions.rotated else positions.attention_scaling
+    if positions.rotated:  # back to unrotated (times the model's attention scaling)
+        qi, ki = (rotate(x, pos, inv_freq, inverse=True) for x in (qh, kh))
+    else:
+        qi, ki = qh, kh
+    st = strides(shape)
+    q_pass, k_pass, k_sinks = [], [], []
+    count = min(sinks, N)
+    for dim in order:
+        if st[dim] == 1 and positions.rotated:
+            q_pass.append(qh)
+            k_pass.append(kh)
+        else:
+            tensor_pos = pass_positions(pos, st[dim])
+            q_pass.append(rotate(qi, tensor_pos, inv_freq, scale=rope_scale))
+            k_pass.append(rotate(ki, tensor_pos, inv_freq, scale=rope_scale))
+        if count:
+            dist = sink_distances(shape[dim], sinks)[:count].to(q.device)
+            k_sinks.append(rotate(ki[:, :, :count], -dist, inv_freq, scale=rope_scale))
+    qs = torch.stack(q_pass).transpose(2, 3)  # [m, B, N, H, D]
+    ks = torch.stack(k_pass).transpose(2, 3)
+    if not count:
+        return qs, ks, None, None
+    sink_q = (qi.to(torch.float32) * rope_scale).to(q.dtype).transpose(1, 2).contiguous()
+    sink_k = torch.stack(k_sinks).transpose(2, 3).contiguous()  # [m, B, S, Hkv, D]
+    return qs, ks, sink_q, sink_k
 
 
 __all__ = ["tensorized_attn_triton", "triton_fwd", "triton_bwd", "fwd_pass", "block_config"]
