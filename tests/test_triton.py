@@ -12,9 +12,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from oracle import oracle, oracle_in_dtype  # noqa: E402
-from tensorized_attention import tensorized_attn  # noqa: E402
+from oracle import oracle, oracle_in_dtype, oracle_with_positions  # noqa: E402
+from tensorized_attention import TensorPositions, tensorized_attn  # noqa: E402
 from tensorized_attention.ops.triton import triton_fwd  # noqa: E402
+from tensorized_attention.rope import rotate  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -127,11 +128,6 @@ def test_tensor_positions_match_oracle(case, dtype):
     against the float64 dense oracle, within 3x (+eps) of the reference backend's error in
     the same dtype (float32: within 1e-4). Rotated inputs arrive as a Hugging Face layer
     hands them over (rotated and scaled at 0 .. N-1)."""
-    from oracle import oracle_with_positions
-
-    from tensorized_attention import TensorPositions
-    from tensorized_attention.rope import rotate
-
     shape, N, mode, order, H, Hkv, D, gate, sinks, rotated, scaling = case
     inv = _inv_freq(D)
     q, k, v = torch.randn(1, N, H, D, device=DEVICE), *torch.randn(2, 1, N, Hkv, D, device=DEVICE)
