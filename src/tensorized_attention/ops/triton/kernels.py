@@ -62,6 +62,29 @@ def _sink_mask(offs_a, pos_q, r, offs_s, n_sinks, n, s, COMPLETE: tl.constexpr, 
 
 
 @triton.jit
+def _sink_tile(q, SQ, SK, v_base, b, h, hk, offs_a, pos_q, q_ok, r, offs_d, d_ok, n_sinks, n, s, scale_log2,
+               stride_sqb, stride_sqn, stride_sqh, stride_skb, stride_skn, stride_skh, stride_vn,
+               BLOCK_S: tl.constexpr, COMPLETE: tl.constexpr, CAUSAL: tl.constexpr, SINK_Q: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """The sink tile of a query tile: (scores [BM, BS] in base 2, which of them are read,
+    the sink keys, the sink values). Scored with the queries SQ when SINK_Q, else q."""
+    offs_s = tl.arange(0, BLOCK_S)
+    sm = (offs_s < n_sinks)[:, None] & d_ok[None, :]
+    rows_s = offs_s.to(tl.int64)[:, None]
+    ks = tl.load(SK + b.to(tl.int64) * stride_skb + hk * stride_skh + rows_s * stride_skn + offs_d[None, :],
+                 mask=sm, other=0.0)
+    vs = tl.load(v_base + rows_s * stride_vn + offs_d[None, :], mask=sm, other=0.0)
+    if SINK_Q:
+        qs = tl.load(SQ + b.to(tl.int64) * stride_sqb + h * stride_sqh + pos_q.to(tl.int64)[:, None] * stride_sqn
+                     + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        qs = q
+    scores = tl.dot(qs, tl.trans(ks), input_precision=PRECISION) * scale_log2
+    allowed = _sink_mask(offs_a, pos_q, r, offs_s, n_sinks, n, s, COMPLETE, CAUSAL) & q_ok[:, None]
+    return scores, allowed, ks, vs
+
+
+@triton.jit
 def _key_range(a0, n, A, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COMPLETE: tl.constexpr, CAUSAL: tl.constexpr):
     """Key slots [lo, hi) that rows a0 .. a0 + BLOCK_M - 1 may read; lo aligned to BLOCK_N."""
     if COMPLETE:
@@ -119,7 +142,13 @@ def _fwd_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, offs_a, offs_d, d_ok,
                  mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     scores = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale_log2
     allowed = _pass_mask(offs_a, offs_k, n, COMPLETE, CAUSAL) & k_ok[None, :]
-    scores = tl.where(allowed, scores, float("-inf"))
+    return _online_softmax(acc, m_i, l_i, tl.where(allowed, scores, float("-inf")), vt, PRECISION)
+
+
+@triton.jit
+def _online_softmax(acc, m_i, l_i, scores, vt, PRECISION: tl.constexpr):
+    """Fold one tile of (masked, base-2) scores and its values into the running max m_i,
+    sum l_i and output acc."""
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     # a row with nothing allowed yet keeps m = -inf: exponentiate against 0 instead
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -173,27 +202,11 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     if HAS_SINKS:
-        offs_s = tl.arange(0, BLOCK_S)
-        s_ok = offs_s < n_sinks
-        ks = tl.load(SK + b.to(tl.int64) * stride_skb + hk * stride_skh + offs_s.to(tl.int64)[:, None] * stride_skn
-                     + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        vs = tl.load(v_base + offs_s.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
-                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        if SINK_Q:
-            qs = tl.load(SQ + b.to(tl.int64) * stride_sqb + h * stride_sqh + pos_q.to(tl.int64)[:, None] * stride_sqn
-                         + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-        else:
-            qs = q
-        scores = tl.dot(qs, tl.trans(ks), input_precision=PRECISION) * scale_log2
-        allowed = _sink_mask(offs_a, pos_q, r, offs_s, n_sinks, n, s, COMPLETE, CAUSAL)
-        scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(scores - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vs.dtype), vs, input_precision=PRECISION)
-        m_i = m_new
+        scores, allowed, ks, vs = _sink_tile(q, SQ, SK, v_base, b, h, hk, offs_a, pos_q, q_ok, r, offs_d, d_ok,
+                                             n_sinks, n, s, scale_log2, stride_sqb, stride_sqn, stride_sqh,
+                                             stride_skb, stride_skn, stride_skh, stride_vn,
+                                             BLOCK_S, COMPLETE, CAUSAL, SINK_Q, PRECISION)
+        acc, m_i, l_i = _online_softmax(acc, m_i, l_i, tl.where(allowed, scores, float("-inf")), vs, PRECISION)
 
     lo, hi = _key_range(a0, n, A, BLOCK_M, BLOCK_N, COMPLETE, CAUSAL)
     for start in range(lo, hi, BLOCK_N):
@@ -326,19 +339,10 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     if HAS_SINKS:
-        offs_s = tl.arange(0, BLOCK_S)
-        s_ok = offs_s < n_sinks
-        ks = tl.load(SK + b.to(tl.int64) * stride_skb + hk * stride_skh + offs_s.to(tl.int64)[:, None] * stride_skn
-                     + offs_d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        vs = tl.load(v_base + offs_s.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
-                     mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-        if SINK_Q:
-            qs = tl.load(SQ + b.to(tl.int64) * stride_sqb + h * stride_sqh + row_q * stride_sqn + offs_d[None, :],
-                         mask=io_mask, other=0.0)
-        else:
-            qs = q
-        scores = tl.dot(qs, tl.trans(ks), input_precision=PRECISION) * scale_log2
-        allowed = _sink_mask(offs_a, pos_q, r, offs_s, n_sinks, n, s, COMPLETE, CAUSAL) & q_ok[:, None]
+        scores, allowed, ks, vs = _sink_tile(q, SQ, SK, v_base, b, h, hk, offs_a, pos_q, q_ok, r, offs_d, d_ok,
+                                             n_sinks, n, s, scale_log2, stride_sqb, stride_sqn, stride_sqh,
+                                             stride_skb, stride_skn, stride_skh, stride_vn,
+                                             BLOCK_S, COMPLETE, CAUSAL, SINK_Q, PRECISION)
         p = tl.where(allowed, tl.math.exp2(scores - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vs), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
