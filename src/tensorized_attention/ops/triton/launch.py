@@ -160,8 +160,7 @@ def triton_bwd(
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     dsink_q = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device) if sink_q is not None else q.new_empty((0,))
-    dsink_k = torch.empty(sink_k.shape, dtype=torch.float32, device=q.device) if sink_k is not None \
-        else q.new_empty((0,))
+    dsink_k = torch.empty_like(sink_k) if sink_k is not None else q.new_empty((0,))
     dval = q.new_empty((min(m - 1, 2), B, N, H, D))
     delta = torch.empty((B * H, N), dtype=torch.float32, device=q.device)
     dg_rows = torch.empty((B * H, N), dtype=torch.float32, device=q.device) if gate is not None else delta
@@ -224,14 +223,14 @@ def triton_bwd(
             dks = dks.view(B, Hkv, H // Hkv, n_sinks, D).sum(2).transpose(1, 2) * scale
             dvs = dvs.view(B, src.shape[2], -1, n_sinks, D).sum(2).transpose(1, 2)
             if sink_k is not None:
-                dsink_k[t] = dks
+                dsink_k[t] = dks.to(dsink_k.dtype)
             else:
                 dk_t[:, :n_sinks] += dks.to(dk.dtype)
             dsrc[:, :n_sinks] += dvs.to(dsrc.dtype)
         if gate is not None:
             dgate[:, t] = dg_rows.view(B, H, N).sum((0, 2))
         grad_out = dsrc
-    return dq, dk, dv, dgate, dsink_q, dsink_k.to(sink_k.dtype) if sink_k is not None else dsink_k
+    return dq, dk, dv, dgate, dsink_q, dsink_k
 
 
 @triton_fwd.register_fake
