@@ -69,8 +69,10 @@ def render(results: dict[str, dict], plot_dir: str, plots: bool = True) -> str:
         out.append(f"| {name} | `{config.attention}` | {'yes' if config.train else 'no'} | {config.description} |")
     out += ["", "Commands (the study's defaults: SmolLM2-135M, training context 32k, 20M training tokens, batch 2,",
             "lr 2e-5, perplexity at 2k to 128k over the test split's documents of at least 128k tokens, 8",
-            "windows per length, passkey at 8k, 32k and 128k; a configuration whose training passes 10",
-            "minutes adds `--train-args '--time-limit 540'` and is run again to resume):", "", "```",
+            "windows per length, passkey at 8k, 32k and 128k). On a machine that limits one command to 10",
+            "minutes, a trained configuration ran as `--stages train --train-args '--time-limit 530'`, again",
+            "(it resumes from its checkpoint) until its budget was done, then `--stages perplexity,passkey`;",
+            "the JSON files record every command exactly:", "", "```",
             "tensorized-attention corpus --out corpus",
             *[f"tensorized-attention study --config {name} --data corpus --out benchmarks/results/study"
               for name in CONFIGS],
