@@ -4,7 +4,8 @@ Supports: both modes (block, complete), causal and bidirectional, any pass order
 grouped-query attention (kv heads read in place), padding (positions >= seqlen are
 masked, never copied), a per-head gate applied in the epilogue, attention sinks,
 float16 / bfloat16 / float32, head dims up to 256 (padded to a power of two in
-registers). Tested under TRITON_INTERPRET=1 on the CPU and on an H100 (see
+registers); with rotary tensor positions, the caller's rotated q and k of each pass and
+the sinks' own queries and keys. Tested under TRITON_INTERPRET=1 on the CPU and on an H100 (see
 docs/benchmarks.md).
 
 How a pass is tiled. A pass along a fold dimension of size ``n`` and stride ``s``

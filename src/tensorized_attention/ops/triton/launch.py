@@ -4,9 +4,13 @@
 ``for_backward`` it keeps what the backward needs (the input values of every pass, the
 attention output of gated passes, the softmax statistics of every pass), otherwise it
 ping-pongs between at most two intermediate buffers. ``tensorized_attention::triton_bwd``
-runs the passes in reverse; dq and dk are accumulated across passes in q's dtype (one
-rounding per pass), every reduction runs in a fixed order: repeated backward calls give
-identical results.
+runs the passes in reverse; dq and dk of a q and k shared by all passes are accumulated
+across passes in q's dtype (one rounding per pass), those of per-pass q and k kept apart;
+every reduction runs in a fixed order: repeated backward calls give identical results.
+
+With rotary tensor positions, :func:`tensorized_attn_triton` hands the ops each pass's
+rotated q and k and the sinks' queries and keys (:func:`_rotated_per_pass`, in PyTorch,
+with autograd); the kernels themselves never rotate.
 
 Both are ``torch.library.triton_op`` s (kernels launched through ``wrap_triton``), so
 ``torch.compile(fullgraph=True)`` traces into them.
