@@ -181,9 +181,10 @@ def test_repeated_backward_is_identical():
             assert torch.equal(a, b)
 
 
-def test_outputs_fully_written_over_nan(monkeypatch):
+@pytest.mark.parametrize("positions", [False, True], ids=["plain", "tensor-positions"])
+def test_outputs_fully_written_over_nan(monkeypatch, positions):
     """Every buffer the backend allocates starts as NaN; outputs and gradients must not
-    keep any of it."""
+    keep any of it (with tensor positions: the per-pass and sink gradients too)."""
     real_empty, real_empty_like, real_new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
 
     def nan(x):
@@ -194,6 +195,8 @@ def test_outputs_fully_written_over_nan(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **kw: nan(real_new_empty(self, *a, **kw)))
     case = ((6, 7), 40, True, "complete", None, 4, 2, 32, True, 2)
     q, k, v, shape, opts = _inputs(case, torch.float32)
+    if positions:
+        opts["positions"] = TensorPositions(_inv_freq(32), rotated=True)
     out = tensorized_attn(q, k, v, shape, backend="triton", **opts)
     grads = torch.autograd.grad(out, [q, k, v, opts["gate"]], torch.ones_like(out))
     assert not out.isnan().any()
