@@ -41,12 +41,10 @@ import os
 import platform
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import sysconfig
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +52,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+from ._fs import replace_dir
 
 __all__ = [
     "DEFAULT_LONG_TOKENS",
@@ -493,20 +493,9 @@ class DebianSource(Source):
         tree = deb_dir / deb.name[: -len(".deb")]
         marker = tree / ".unpacked"
         if not marker.is_file():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{tree.name}-", dir=deb_dir))
-            try:
-                tmp.chmod(0o755)  # mkdtemp makes it private
+            with replace_dir(tree, marker.name) as tmp:
                 _run(["dpkg-deb", "-x", str(deb), str(tmp)])
-                (tmp / ".unpacked").write_text(deb.name + "\n")
-                if marker.is_file():  # another process unpacked it meanwhile: keep that one
-                    shutil.rmtree(tmp)
-                else:
-                    if tree.exists():  # not a complete unpacking
-                        shutil.rmtree(tree)
-                    os.replace(tmp, tree)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+                (tmp / marker.name).write_text(deb.name + "\n")
         files = [f for f in _walk_files(tree) if f != marker.name]
         selected = _select(files, self.include, self.exclude)
         root, documents, skipped = _read_documents(

@@ -26,12 +26,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ._fs import replace_dir
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -190,10 +190,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
     model, tokenizer = _load_gguf(gguf_path)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary directory
+    with replace_dir(out_dir, _MARKER) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         stat = gguf_path.stat()
@@ -204,15 +201,6 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
             "transformers": transformers.__version__,
         }
         (tmp / _MARKER).write_text(json.dumps(source, indent=2) + "\n")
-        if (out_dir / _MARKER).is_file():  # another process converted it meanwhile: keep that one
-            shutil.rmtree(tmp)
-            return out_dir
-        if out_dir.exists():  # not a complete conversion
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
