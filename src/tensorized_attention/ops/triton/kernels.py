@@ -118,15 +118,27 @@ def _query_range(k0, n, A, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, COMPLET
 
 
 @triton.jit
-def _query_program(BH, H, A, s, BLOCK_M: tl.constexpr):
+def _tile_and_residue(tile, A, s, BLOCK: tl.constexpr, RESIDUE_MAJOR: tl.constexpr):
+    """The tile index (0 .. cdiv(A, BLOCK) - 1) and the residue of launch slot ``tile``.
+    RESIDUE_MAJOR: the tiles of one residue are launched one after another, so the keys and
+    values they share (a fiber of a strided pass) are read once from memory and then from
+    the L2 cache; else the residues of one tile index are."""
+    if RESIDUE_MAJOR:
+        T = tl.cdiv(A, BLOCK)
+        return tile % T, tile // T
+    return tile // s, tile % s
+
+
+@triton.jit
+def _query_program(BH, H, A, s, BLOCK_M: tl.constexpr, RESIDUE_MAJOR: tl.constexpr):
     """What a query-major program owns: BLOCK_M consecutive slots from a0 of residue r, for
     one (batch b, query head h) = bh. The heads vary fastest, so that programs sharing a kv
     head run side by side; the last slots, which read the most keys, are launched first."""
     pid = tl.program_id(0)
     bh = pid % BH
-    tile = pid // BH
-    a0 = (tl.cdiv(A, BLOCK_M) - 1 - tile // s) * BLOCK_M
-    return bh, bh // H, bh % H, a0, tile % s
+    i, r = _tile_and_residue(pid // BH, A, s, BLOCK_M, RESIDUE_MAJOR)
+    a0 = (tl.cdiv(A, BLOCK_M) - 1 - i) * BLOCK_M
+    return bh, bh // H, bh % H, a0, r
 
 
 @triton.jit
@@ -177,11 +189,11 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     COMPLETE: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_SINKS: tl.constexpr, SINK_Q: tl.constexpr, STORE_ATTN: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, RESIDUE_MAJOR: tl.constexpr,
 ):
     """One pass. The sinks are scored with the queries SQ when SINK_Q (else Q) against the
     keys SK (rows 0 .. n_sinks - 1; SK is K itself unless the caller gives other sink keys)."""
-    bh, b, h, a0, r = _query_program(BH, H, A, s, BLOCK_M)
+    bh, b, h, a0, r = _query_program(BH, H, A, s, BLOCK_M, RESIDUE_MAJOR)
     if a0 * s + r >= N:
         return
     hk = h // GROUP
@@ -296,7 +308,7 @@ def _bwd_dq_kernel(
     COMPLETE: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_SINKS: tl.constexpr, SINK_Q: tl.constexpr,
     ACCUMULATE: tl.constexpr, ACCUMULATE_SINK_Q: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, RESIDUE_MAJOR: tl.constexpr,
 ):
     """Query-major backward of one pass: delta = rowsum(dO * O), the gate's per-row
     gradient, and dq (added to DQ when ACCUMULATE). DOut is the gradient of the pass's
@@ -304,7 +316,7 @@ def _bwd_dq_kernel(
     With SINK_Q the sinks were scored with the queries SQ: their share of the gradient goes
     to DQS (added when ACCUMULATE_SINK_Q) instead of DQ.
     DQ, DQS, DOut and Attn share the [batch, seqlen, heads, headdim] strides (stride_o*)."""
-    bh, b, h, a0, r = _query_program(BH, H, A, s, BLOCK_M)
+    bh, b, h, a0, r = _query_program(BH, H, A, s, BLOCK_M, RESIDUE_MAJOR)
     if a0 * s + r >= N:
         return
     hk = h // GROUP
@@ -384,7 +396,7 @@ def _bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     COMPLETE: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, RESIDUE_MAJOR: tl.constexpr,
 ):
     """Key-major backward of one pass: dk (added to DK when ACCUMULATE) and the gradient
     of the pass's input values DV (the gate's direct share included). A program owns
@@ -397,8 +409,8 @@ def _bwd_dkdv_kernel(
     HKV = H // GROUP
     b = bhk // HKV
     hk = bhk % HKV
-    k0 = (tile // s) * BLOCK_N
-    r = tile % s
+    i, r = _tile_and_residue(tile, A, s, BLOCK_N, RESIDUE_MAJOR)
+    k0 = i * BLOCK_N
     if k0 * s + r >= N:
         return
     offs_k = k0 + tl.arange(0, BLOCK_N)

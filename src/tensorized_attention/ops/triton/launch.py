@@ -50,17 +50,24 @@ TILES = {
 }
 
 
+# Launch order of the programs of a pass: the tiles of one residue one after another (they
+# share the keys and values of their fibers, which then come from the L2 cache), rather
+# than the residues of one tile index (kernels._tile_and_residue).
+RESIDUE_MAJOR = True
+
+
 def block_config(n: int, head_dim: int, kernel: str = "fwd") -> dict:
-    """Tile sizes of kernel ``"fwd"``, ``"fwd_contiguous"``, ``"dq"`` or ``"dkdv"`` for a pass of
-    fiber size ``n`` (a function of the shapes alone; tiles never exceed the fiber rounded up
-    to a power of two)."""
+    """Tile sizes and launch order of kernel ``"fwd"``, ``"fwd_contiguous"``, ``"dq"`` or
+    ``"dkdv"`` for a pass of fiber size ``n`` (a function of the shapes alone; tiles never
+    exceed the fiber rounded up to a power of two)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     small = max(16, triton.next_power_of_2(n))
     if _interpreting():
         bm = bn = 16 if n <= 16 else 32
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=1, RESIDUE_MAJOR=RESIDUE_MAJOR)
     bm, bn, warps, stages = TILES[kernel][0 if block_d <= 128 else 1]
-    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+               RESIDUE_MAJOR=RESIDUE_MAJOR)
     cfg.update(CONFIG_OVERRIDES[kernel])
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], small)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], small)
