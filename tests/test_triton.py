@@ -257,14 +257,16 @@ def test_opcheck(per_pass):
     torch.library.opcheck(triton_fwd, args, **({} if utils is None else {"test_utils": utils}))
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("positions", [False, True], ids=["plain", "tensor-positions"])
+def test_torch_compile_fullgraph(positions):
     """torch.compile(fullgraph=True) traces the operator into one graph (inductor on a GPU;
     on the CPU dynamo's eager backend, since AOT tracing needs real kernels)."""
     case = ((3, 5), 14, True, "complete", None, 2, 1, 16, True, 2)
     q, k, v, shape, opts = _inputs(case, torch.float32)
+    pos = TensorPositions(_inv_freq(16), rotated=True) if positions else None
 
     def f(q, k, v, gate):
-        return tensorized_attn(q, k, v, shape, gate=gate, sinks=2, backend="triton")
+        return tensorized_attn(q, k, v, shape, gate=gate, sinks=2, backend="triton", positions=pos)
 
     compiled = torch.compile(f, fullgraph=True, backend="inductor" if CUDA else "eager")
     out = compiled(q, k, v, opts["gate"])
