@@ -595,12 +595,8 @@ def _plural(count: int, one: str, many: str | None = None) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``tensorized-attention passkey``."""
     from .cli import DTYPES
+    from .setups import add_model_arguments
 
-    parser.add_argument("--model", default="smollm2-135m",
-                        help="a named model (smollm2-135m), a Hugging Face checkpoint directory, or a .gguf file")
-    parser.add_argument("--attention", default="full", metavar="SPEC",
-                        help="the attention setup (tensorized_attention.setups): full, full:linear=F, "
-                             "full:yarn=F, eager, tensorized, tensorized:PRESET, tensorized:{JSON}, window:W+S")
     parser.add_argument("--lengths", default=DEFAULT_LENGTHS,
                         help="comma-separated prompt lengths in tokens, answer included; k = 1024")
     parser.add_argument("--depths", default=DEFAULT_DEPTHS,
@@ -609,18 +605,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the keys")
     parser.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
                         help="a BOS token first: auto = when the tokenizer adds one itself")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="auto: cuda when available, else cpu")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
-    parser.add_argument("--cache-dir", default=None,
-                        help="base directory of converted models (default: $TENSORIZED_ATTENTION_CACHE or "
-                             "~/.cache/tensorized-attention)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (torch.set_num_threads); default: torch's own choice")
     parser.add_argument("--out", default=os.path.join("results", "passkey"),
                         help="directory for passkey.json and passkey.png")
     parser.add_argument("--no-plot", action="store_true", help="do not write passkey.png")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(parser)
 
 
 def run(args: argparse.Namespace, command: str) -> int:
@@ -651,8 +640,6 @@ def run(args: argparse.Namespace, command: str) -> int:
         return fail(str(err))
     if args.trials < 1:
         return fail(f"--trials must be >= 1, got {args.trials}")
-    if args.threads is not None and args.threads < 1:
-        return fail(f"--threads must be >= 1, got {args.threads}")
     try:
         model, tokenizer, device, load_s = load_for_job(
             args.model, setup, device=args.device, dtype=args.dtype, threads=args.threads, cache_dir=args.cache_dir)

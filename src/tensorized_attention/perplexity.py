@@ -258,6 +258,7 @@ def add_arguments(p) -> None:
     import os
 
     from .cli import DTYPES, _positive, parse_lengths
+    from .setups import add_model_arguments
 
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", metavar="FILE", help="a UTF-8 text file, tokenized whole without special tokens")
@@ -271,27 +272,15 @@ def add_arguments(p) -> None:
                    help="read only documents of at least this many tokens (default: with --data the longest "
                         "--context, so every context reads the same documents; else all)")
     p.add_argument("--tokens-dtype", default="uint16", help="integer type of the ids in a raw --tokens file")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="a named model (smollm2-135m), a Hugging Face checkpoint directory, or a .gguf file")
-    p.add_argument("--attention", default="full",
-                   help="the model's attention: full, full:linear=F, full:yarn=F, eager, tensorized, "
-                        "tensorized:PRESET, tensorized:{JSON}, window:W+S (tensorized_attention.setups)")
     p.add_argument("--context", type=parse_lengths, default=[2048],
                    help="tokens per window; a comma list evaluates each (k = 1024), one model load")
     p.add_argument("--stride", type=_positive, default=None,
                    help="tokens between window starts; None: the context, non-overlapping windows")
     p.add_argument("--max-windows", type=_positive, default=None,
                    help="evaluate the first K windows only (per context, over all documents)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda when available, else cpu")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--cache-dir", default=None,
-                   help="base directory of converted models (default: $TENSORIZED_ATTENTION_CACHE or "
-                        "~/.cache/tensorized-attention)")
-    p.add_argument("--threads", type=_positive, default=None,
-                   help="CPU threads for torch (torch.set_num_threads); default: torch's own choice")
     p.add_argument("--out", default=os.path.join("results", "perplexity.json"), help="the JSON file to write")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(p)
 
 
 def run(args, command: str) -> int:

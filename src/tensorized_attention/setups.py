@@ -26,7 +26,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AttentionSetup", "parse_attention", "load_with_attention", "load_for_job", "apply_attention"]
+__all__ = ["AttentionSetup", "parse_attention", "load_with_attention", "load_for_job", "apply_attention",
+           "add_model_arguments"]
 
 KINDS = ("full", "eager", "tensorized", "window")
 ROPE_TYPES = ("linear", "yarn")
@@ -167,6 +168,27 @@ def load_with_attention(name_or_path, setup: AttentionSetup, **kwargs):
 
 #: What :func:`load_for_job` raises for a device, model or setup it cannot provide.
 LOAD_ERRORS = (RuntimeError, FileNotFoundError, TypeError, ValueError, ImportError)
+
+
+def add_model_arguments(p, *, attention: str = "the model's attention") -> None:
+    """The options every model job shares (``train``, ``perplexity``, ``passkey``): --model,
+    --attention (``attention`` says what it sets), --device, --cache-dir, --threads and
+    --no-progress."""
+    from .cli import _positive
+
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a named model (smollm2-135m), a Hugging Face checkpoint directory, or a .gguf file")
+    p.add_argument("--attention", default="full", metavar="SPEC",
+                   help=f"{attention}: full, full:linear=F, full:yarn=F, eager, tensorized, tensorized:PRESET, "
+                        "tensorized:{JSON}, window:W+S (tensorized_attention.setups)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available, else cpu")
+    p.add_argument("--cache-dir", default=None,
+                   help="base directory of converted models (default: $TENSORIZED_ATTENTION_CACHE or "
+                        "~/.cache/tensorized-attention)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="CPU threads for torch (torch.set_num_threads); default: torch's own choice")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def load_for_job(name_or_path, setup: AttentionSetup, *, device: str = "auto", dtype: str = "auto",

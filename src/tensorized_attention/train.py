@@ -912,6 +912,7 @@ def _count(text: str) -> int:
 def add_arguments(p) -> None:
     """The options of ``tensorized-attention train``."""
     from .cli import _nonnegative, _positive
+    from .setups import add_model_arguments
 
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", metavar="DIR",
@@ -925,11 +926,6 @@ def add_arguments(p) -> None:
     p.add_argument("--separator", default="auto",
                    help="the token between documents of --data: auto (<|endoftext|> when the vocabulary has it, "
                         "else EOS), eos, none, a token, or a token id")
-    p.add_argument("--model", default="smollm2-135m",
-                   help="a named model (smollm2-135m), a Hugging Face checkpoint directory, or a .gguf file")
-    p.add_argument("--attention", default="full",
-                   help="the attention trained: full, full:linear=F, full:yarn=F, eager, tensorized, "
-                        "tensorized:PRESET, tensorized:{JSON}, window:W+S (tensorized_attention.setups)")
     p.add_argument("--context", type=_length, default=32768, help="tokens per training sequence (k = 1024)")
     p.add_argument("--batch", type=_positive, default=4, help="sequences per optimizer step")
     p.add_argument("--micro-batch", type=_positive, default=1,
@@ -964,14 +960,7 @@ def add_arguments(p) -> None:
                    help="stop after this many steps of this call (with a checkpoint); continue with --resume")
     p.add_argument("--time-limit", type=float, default=None,
                    help="stop (with a checkpoint) before a step would end past this many seconds of this call")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda when available, else cpu")
-    p.add_argument("--cache-dir", default=None,
-                   help="base directory of converted models (default: $TENSORIZED_ATTENTION_CACHE or "
-                        "~/.cache/tensorized-attention)")
-    p.add_argument("--threads", type=_positive, default=None,
-                   help="CPU threads for torch (torch.set_num_threads); default: torch's own choice")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(p, attention="the attention trained")
 
 
 def run(args, command: str) -> int:
