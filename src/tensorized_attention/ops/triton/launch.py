@@ -347,7 +347,9 @@ def _rotated_per_pass(q, k, shape, order, sinks, positions):
     ks = torch.stack(k_pass).transpose(2, 3)
     if not count:
         return qs, ks, None, None
-    sink_q = (qi.to(torch.float32) * rope_scale).to(q.dtype).transpose(1, 2).contiguous()
+    # the sinks' queries are q unrotated (scaled like every rotation); the kernels read them strided
+    sink_q = qi if rope_scale == 1.0 else (qi.to(torch.float32) * rope_scale).to(q.dtype)
+    sink_q = sink_q.transpose(1, 2)
     sink_k = torch.stack(k_sinks).transpose(2, 3).contiguous()  # [m, B, S, Hkv, D]
     return qs, ks, sink_q, sink_k
 
