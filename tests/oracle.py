@@ -98,14 +98,15 @@ def oracle_with_positions(q, k, v, shape, inv_freq, *, rotated=False, attention_
     mode = mode or ("complete" if causal else "block")
     order = list(range(len(shape))) if order is None else list(order)
     scale = 1 / math.sqrt(D) if softmax_scale is None else softmax_scale
-    freqs = inv_freq.double()
+    dev = q.device
+    freqs = inv_freq.double().to(dev)
 
     def rot(x, pos):  # x [B, H, N, D] float64, pos [N] (any integers)
         z = torch.complex(x[..., : D // 2], x[..., D // 2:])
         z = z * torch.polar(torch.ones_like(freqs), pos.double()[:, None] * freqs[None, :])
         return torch.cat([z.real, z.imag], dim=-1)
 
-    pos = torch.arange(N)
+    pos = torch.arange(N, device=dev)
     q64 = q.double().transpose(1, 2)
     k64 = k.double().transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
     if rotated:
@@ -119,15 +120,15 @@ def oracle_with_positions(q, k, v, shape, inv_freq, *, rotated=False, attention_
         s_j = math.prod(shape[dim + 1:])
         tp = pos // s_j
         scores = scale * rot(q64, tp) @ rot(k64, tp).transpose(-1, -2)
-        in_pass = dense_pass_mask(N, shape, dim, mode, causal, 0)
-        mask = dense_pass_mask(N, shape, dim, mode, causal, sinks)
+        in_pass = dense_pass_mask(N, shape, dim, mode, causal, 0).to(dev)
+        mask = dense_pass_mask(N, shape, dim, mode, causal, sinks).to(dev)
         if sinks:
-            dist = shape[dim] + sinks - 1 - torch.arange(min(sinks, N))
+            dist = shape[dim] + sinks - 1 - torch.arange(min(sinks, N), device=dev)
             sink_k = rot(k64[:, :, : len(dist)], -dist)
             sink_scores = scale * q64 @ sink_k.transpose(-1, -2)  # [B, H, N, S]
             as_sink = mask & ~in_pass
             scores[..., : len(dist)] = torch.where(as_sink[:, : len(dist)], sink_scores, scores[..., : len(dist)])
-        attn = torch.softmax(scores.masked_fill(~mask.to(scores.device), float("-inf")), dim=-1)
+        attn = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
         new = attn @ vals
         if gate is not None:
             g = gate[:, t].view(1, H, 1, 1)

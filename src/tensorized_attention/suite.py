@@ -187,7 +187,8 @@ def _forward_fn(case: Case, q, k, v) -> Callable[[], torch.Tensor]:
         def sliding(b, h, q_idx, kv_idx):
             return (q_idx >= kv_idx) & (q_idx - kv_idx < window)
 
-        mask = create_block_mask(sliding, None, None, case.seqlen, case.seqlen, device=q.device)
+        # _compile: build the block mask block by block, never the dense N x N mask
+        mask = create_block_mask(sliding, None, None, case.seqlen, case.seqlen, device=q.device, _compile=True)
         flex = torch.compile(flex_attention)
         return lambda: flex(qt, kt, vt, block_mask=mask, enable_gqa=gqa)
     raise ValueError(f"unknown method {case.method!r}")
