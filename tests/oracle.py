@@ -39,8 +39,10 @@ def dense_pass_mask(N: int, shape, dim: int, mode: str, causal: bool, sinks: int
     return mask | sink
 
 
-def oracle(q, k, v, shape, *, causal=True, mode=None, order=None, gate=None, sinks=0, softmax_scale=None):
-    """q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D] in float64."""
+def oracle(q, k, v, shape, *, causal=True, mode=None, order=None, gate=None, sinks=0, softmax_scale=None,
+           select=None):
+    """q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D] in float64. select: a
+    SelectedPass (its block and topk) run after the fold passes."""
     B, N, H, D = q.shape
     Hkv = k.shape[2]
     mode = mode or ("complete" if causal else "block")
@@ -51,7 +53,7 @@ def oracle(q, k, v, shape, *, causal=True, mode=None, order=None, gate=None, sin
     vals = v.double().transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
     scores = scale * q64 @ k64.transpose(-1, -2)  # [B, H, N, N]
     if gate is not None:
-        gate = gate.double().expand(H, len(shape))
+        gate = gate.double().expand(H, len(order) + (select is not None))
     for t, dim in enumerate(order):
         mask = dense_pass_mask(N, shape, dim, mode, causal, sinks).to(scores.device)
         attn = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
@@ -60,7 +62,54 @@ def oracle(q, k, v, shape, *, causal=True, mode=None, order=None, gate=None, sin
             g = gate[:, t].view(1, H, 1, 1)
             new = g * vals + (1 - g) * new
         vals = new
+    if select is not None:
+        g = None if gate is None else gate[:, len(order)]
+        vals = selected_pass_oracle(q64, k64, vals, select.block, select.topk, sinks, scale, gate=g)
     return vals.transpose(1, 2)
+
+
+def _rotate_complex(x, pos, freqs):
+    """x [..., D] float64 rotated at integer positions pos (broadcast to x[..., 0])."""
+    D = x.shape[-1]
+    z = torch.complex(x[..., : D // 2], x[..., D // 2:])
+    z = z * torch.polar(torch.ones_like(freqs), pos.double()[..., None] * freqs)
+    return torch.cat([z.real, z.imag], dim=-1)
+
+
+def selected_pass_oracle(q64, k64, vals, block, topk, sinks, scale, *, freqs=None, gate=None):
+    """The selected pass (SelectedPass's docstring), one query at a time, from the spec:
+    q64, k64 [B, H, N, D] float64 content (k per query head); vals [B, H, N, D]; freqs:
+    rotary frequencies (float64) or None; gate [H] or None. Returns [B, H, N, D]."""
+    B, H, N, D = q64.shape
+    W = block
+    rows = []
+    for b in range(B):
+        for h in range(H):
+            means = [k64[b, h, i * W:(i + 1) * W].mean(0) for i in range(N // W)]
+            for p in range(N):
+                c = p // W
+                ranked = sorted(range(c), key=lambda i: (-(scale * q64[b, h, p] @ means[i]).item(), -i))
+                chosen = sorted(ranked[:topk])
+                r = len(chosen)
+                dist = {}  # key position -> distance at which the query sees it
+                for p2 in range(max(0, p - W + 1), p + 1):
+                    dist[p2] = p - p2
+                for i, blk in enumerate(chosen):
+                    for j in range(W):
+                        dist.setdefault(blk * W + j, (r - i + 1) * W - 1 - j)
+                for s in range(min(sinks, p + 1)):
+                    dist.setdefault(s, (r + 1) * W + sinks - 1 - s)
+                keys = torch.tensor(sorted(dist), device=q64.device)
+                d = torch.tensor([dist[x] for x in sorted(dist)], device=q64.device)
+                kk = k64[b, h, keys]
+                if freqs is not None:
+                    kk = _rotate_complex(kk, -d, freqs)
+                w = torch.softmax(scale * kk @ q64[b, h, p], dim=0)
+                row = w @ vals[b, h, keys]
+                if gate is not None:
+                    row = gate[h] * vals[b, h, p] + (1 - gate[h]) * row
+                rows.append(row)
+    return torch.stack(rows).reshape(B, H, N, D)
 
 
 def oracle_in_dtype(q, k, v, shape, **kw):
@@ -89,7 +138,7 @@ def oracle_in_dtype(q, k, v, shape, **kw):
 
 
 def oracle_with_positions(q, k, v, shape, inv_freq, *, rotated=False, attention_scaling=1.0, causal=True,
-                          mode=None, order=None, gate=None, sinks=0, softmax_scale=None):
+                          mode=None, order=None, gate=None, sinks=0, softmax_scale=None, select=None):
     """The dense oracle with rotary tensor positions (DESIGN.md §3), rotations done with
     complex numbers: in pass j, position p is rotated at p // s_j; a sink i outside the pass
     mask is scored as an unrotated query against key i rotated at -(n_j + S - 1 - i)."""
@@ -115,7 +164,7 @@ def oracle_with_positions(q, k, v, shape, inv_freq, *, rotated=False, attention_
         q64, k64 = q64 * attention_scaling, k64 * attention_scaling
     vals = v.double().transpose(1, 2).repeat_interleave(H // Hkv, dim=1)
     if gate is not None:
-        gate = gate.double().expand(H, len(shape))
+        gate = gate.double().expand(H, len(order) + (select is not None))
     for t, dim in enumerate(order):
         s_j = math.prod(shape[dim + 1:])
         tp = pos // s_j
@@ -134,4 +183,7 @@ def oracle_with_positions(q, k, v, shape, inv_freq, *, rotated=False, attention_
             g = gate[:, t].view(1, H, 1, 1)
             new = g * vals + (1 - g) * new
         vals = new
+    if select is not None:
+        g = None if gate is None else gate[:, len(order)]
+        vals = selected_pass_oracle(q64, k64, vals, select.block, select.topk, sinks, scale, freqs=freqs, gate=g)
     return vals.transpose(1, 2)

@@ -9,7 +9,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import AttentionInterface, DynamicCache  # noqa: E402
 
-from tensorized_attention import TensorPositions, hf, tensorized_attn  # noqa: E402
+from tensorized_attention import SelectedPass, TensorPositions, hf, tensorized_attn  # noqa: E402
 
 hf.register()
 
@@ -34,6 +34,8 @@ OPTIONS = [
     {"shape": [None, 5], "mode": "block", "sinks": 3, "gate": [0.88, None]},
     {"shape": [None, 4], "mode": "complete", "positions": "sequence", "sinks": 1},
     hf.window_options(4, sinks=2),
+    {"shape": [None, 4], "mode": "complete", "order": [], "sinks": 2, "select": {"block": 4, "topk": 2}},
+    {"shape": [None, 4], "mode": "complete", "gate": [0.7, None, 0.5], "sinks": 1, "select": {"block": 4, "topk": 1}},
 ]
 
 
@@ -52,14 +54,15 @@ def _manual(options):
             gate = torch.tensor([g if g is not None else 0.0 for g in options["gate"]], dtype=torch.float64)
         out = tensorized_attn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), (first, *tail),
                               mode=options["mode"], gate=gate, sinks=options.get("sinks", 0),
-                              softmax_scale=scaling, positions=positions)
+                              softmax_scale=scaling, positions=positions, order=options.get("order"),
+                              select=SelectedPass(**options["select"]) if options.get("select") else None)
         return out, None
 
     return attention
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: str(o["shape"]) + o["mode"])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: str(o["shape"]) + o["mode"] + ("+select" * bool(o.get("select"))))
 def test_same_logits_as_calling_the_operator_by_hand(family, options):
     model = _tiny(family)
     ids = torch.randint(0, 97, (2, 29))
@@ -216,6 +219,12 @@ def test_bad_options_are_refused():
         hf.enable(model, "best")
     with pytest.raises(ValueError, match=r"\['gate'\] must be None or 2 entries"):
         hf.enable(model, {"shape": [None, 4], "gate": [1.5, None]})
+    with pytest.raises(ValueError, match=r"\['gate'\] must be None or 3 entries \(one per pass\)"):
+        hf.enable(model, {"shape": [None, 4], "gate": [0.5, None], "select": {"block": 4, "topk": 1}})
+    with pytest.raises(ValueError, match=r"\['select'\] must be None or \{'block': W, 'topk': k\}"):
+        hf.enable(model, {"shape": [None, 4], "select": {"block": 4, "topk": 0}})
+    with pytest.raises(ValueError, match="needs a 'select' pass"):
+        hf.enable(model, {"shape": [None, 4], "order": []})
 
 
 def test_from_pretrained_with_attn_implementation(tmp_path):
@@ -245,3 +254,14 @@ def test_cached_decoding_other_order_keeps_whole_sequences():
             steps.append(model(ids[:, i:i + 1], past_key_values=cache).logits)
     assert hf.decode_state(cache, 0).values[0].shape[2] == 22
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-6, atol=1e-6)
+
+
+def test_cached_decoding_with_a_selected_pass_is_refused():
+    """A forward with a cache works (the prefill); decoding from it says what is missing."""
+    model = hf.enable(_tiny(dtype=torch.float32), "select")
+    model.config.tensorized_attention = {**hf.PRESETS["select"], "shape": [None, 4], "select": {"block": 4, "topk": 1}}
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+        with pytest.raises(NotImplementedError, match="cached decoding with a selected pass"):
+            model.generate(ids, max_new_tokens=2, do_sample=False)

@@ -6,12 +6,13 @@ See :func:`tensorized_attn` for the operator and its exact semantics.
 from . import fold, ops, passes, rope
 from .fold import choose_shape, coordinates, fold_size, strides
 from .ops import available_backends, tensorized_attn
-from .passes import draw_passes, pass_mask
+from .passes import SelectedPass, draw_passes, pass_mask
 from .rope import TensorPositions
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SelectedPass",
     "TensorPositions",
     "__version__",
     "available_backends",

@@ -14,7 +14,7 @@ import torch
 
 from .fold import coordinates, strides
 
-__all__ = ["FoldPass", "plan_passes", "pass_mask", "draw_passes"]
+__all__ = ["FoldPass", "SelectedPass", "plan_passes", "pass_mask", "draw_passes"]
 
 MODES = ("block", "complete")
 
@@ -46,6 +46,42 @@ class FoldPass:
         if self.causal:
             same &= ck[..., self.dim] <= cp[..., self.dim]
         return same
+
+
+@dataclass(frozen=True)
+class SelectedPass:
+    """A content-addressed pass (DESIGN.md §8): each query reads its causal window, every
+    token of the ``topk`` earlier blocks it ranks highest, and the sinks. Causal only.
+
+    Blocks: block ``b`` holds positions ``b * block .. (b + 1) * block - 1``. The query at
+    ``p``, in block ``c = p // block``, reads, each key once, in one softmax:
+
+    * its window: the keys ``p'`` with ``0 <= p - p' < block``;
+    * its selected blocks: the candidates are the blocks ``b < c`` (all whole and before
+      ``p``'s block); block ``b`` scores ``softmax_scale * q_p . mean(k over block b)``,
+      with q and k unrotated (content alone); the query selects the ``r = min(topk, c)``
+      best (of equal scores, the later block) and reads their tokens not in its window;
+    * the sinks ``0 .. S-1`` (``<= p``) in neither.
+
+    The ranking has no gradient (the choice of blocks is discrete); the attention over what
+    it chose does. As the last pass after the fold passes it reads their output values;
+    alone (``order=()``) it reads v.
+
+    Positions (with rotary tensor positions): a window key is seen at its distance
+    ``p - p'``; the selected blocks ``b_0 < ... < b_{r-1}`` are seen just before the window,
+    in their order: token ``j`` of ``b_i`` at distance ``(r - i + 1) * block - 1 - j``;
+    sink ``s`` at ``(r + 1) * block + S - 1 - s``. No distance reaches
+    ``(topk + 1) * block + S``, whatever the length.
+    """
+
+    block: int
+    topk: int
+
+    def __post_init__(self):
+        for name in ("block", "topk"):
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+                raise ValueError(f"SelectedPass.{name} must be an int >= 1, got {x!r}")
 
 
 def plan_passes(shape, order, mode: str, causal: bool) -> list[FoldPass]:

@@ -41,15 +41,16 @@ class TensorPositions:
 
 
 def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
-    angles = positions.to(torch.float32)[:, None] * inv_freq.to(device=positions.device, dtype=torch.float32)[None, :]
-    angles = torch.cat([angles, angles], dim=-1)  # [P, D]
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(device=positions.device, dtype=torch.float32)
+    angles = torch.cat([angles, angles], dim=-1)  # [..., D]
     return angles.cos(), angles.sin()
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *, scale: float = 1.0,
            inverse: bool = False) -> torch.Tensor:
-    """Rotate ``x [..., P, D]`` at integer ``positions [P]`` (inverse: by minus the angle),
-    computed in float32 and returned in x's dtype."""
+    """Rotate ``x [..., P, D]`` at integer ``positions [P]`` (or any shape that broadcasts
+    against ``x.shape[:-1]``; inverse: by minus the angle), computed in float32 and returned
+    in x's dtype."""
     cos, sin = _cos_sin(positions, inv_freq)
     if inverse:
         sin = -sin

@@ -24,6 +24,9 @@ DEFAULTS: dict[str, Any] = {
     # exactly 1 (fixed: the pass is off, its input goes through unchanged)
     "gate": None,
     "sinks": 0,
+    # None, or {"block": W, "topk": k}: a selected pass (passes.SelectedPass) after the fold
+    # passes; with "order": [] it runs alone (window + selected blocks + sinks)
+    "select": None,
     "full_attention_layers": [],  # layer indices that keep full (SDPA) attention
 }
 
@@ -38,6 +41,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         "positions": "tensor",
         "gate": [0.88, None],
         "sinks": 4,
+        "full_attention_layers": [],
+    },
+    # DESIGN.md §8's probe: a window of 256 keys, 4 sinks and the tokens of the top-2 earlier
+    # 256-token blocks, the selected blocks and sinks at virtual positions before the window
+    "select": {
+        "shape": [None, 256],
+        "order": [],
+        "positions": "tensor",
+        "sinks": 4,
+        "select": {"block": 256, "topk": 2},
+        "full_attention_layers": [],
+    },
+    # the pilot's passes, then a selected pass (gate sigmoid(2) on the coarse pass and on the
+    # selected pass: each starts mostly off and is learned)
+    "pilot+select": {
+        "shape": [None, 256],
+        "mode": "complete",
+        "order": [0, 1],
+        "positions": "tensor",
+        "gate": [0.88, None, 0.88],
+        "sinks": 4,
+        "select": {"block": 256, "topk": 2},
         "full_attention_layers": [],
     },
 }
@@ -70,17 +95,32 @@ def options_of(config) -> dict[str, Any]:
         raise ValueError(f"config.tensorized_attention['positions'] must be 'tensor' or 'sequence', got {opts['positions']!r}")
     if opts["mode"] not in ("block", "complete"):
         raise ValueError(f"config.tensorized_attention['mode'] must be 'block' or 'complete', got {opts['mode']!r}")
-    m = num_dims(opts)
+    select = opts["select"]
+    if select is not None:
+        if not isinstance(select, dict) or set(select) != {"block", "topk"} or any(
+                isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in select.values()):
+            raise ValueError("config.tensorized_attention['select'] must be None or {'block': W, 'topk': k} "
+                             f"with ints W, k >= 1, got {select!r}")
+    if opts["order"] is not None and len(opts["order"]) == 0 and select is None:
+        raise ValueError("config.tensorized_attention['order'] = [] (no fold pass) needs a 'select' pass")
+    m = num_passes(opts)
     gate = opts["gate"]
     if gate is not None:
         if len(gate) != m or any(g is not None and not 0.0 < float(g) <= 1.0 for g in gate):
-            raise ValueError(f"config.tensorized_attention['gate'] must be None or {m} entries, each None, in (0, 1) "
+            raise ValueError(f"config.tensorized_attention['gate'] must be None or {m} entries (one per pass), each None, in (0, 1) "
                              f"or exactly 1 (the pass off), got {gate!r}")
     return opts
 
 
 def num_dims(opts: dict[str, Any]) -> int:
     return len(opts["shape"]) if opts["shape"] is not None else int(opts["ndim"])
+
+
+def num_passes(opts: dict[str, Any]) -> int:
+    """The passes one call runs: the fold passes of ``order`` (all dims by default), then
+    the selected pass if any; the gate has one entry per pass."""
+    fold = num_dims(opts) if opts["order"] is None else len(opts["order"])
+    return fold + (opts["select"] is not None)
 
 
 def resolve_fold(opts: dict[str, Any], length: int, capacity: int = 0) -> tuple[int, ...]:

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..fold import check_shape, choose_shape
-from ..passes import MODES
+from ..fold import check_shape, choose_shape, fold_size
+from ..passes import MODES, SelectedPass
 from ..rope import TensorPositions
 from .reference import tensorized_attn_reference
 
@@ -56,6 +56,7 @@ def tensorized_attn(
     sinks: int = 0,
     softmax_scale: float | None = None,
     positions: TensorPositions | None = None,
+    select: SelectedPass | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Tensorized attention: attention along each dimension of a fold of the sequence.
@@ -118,10 +119,13 @@ def tensorized_attn(
         mode: ``"block"`` or ``"complete"``; None means ``"complete"`` when causal, else
             ``"block"``. ``"complete"`` needs ``causal=True``.
         order: the dimensions the passes visit, a permutation of ``range(m)``; default
-            ``range(m)``: coarsest first, the contiguous dimension last.
-        gate: None (no gate), or a floating tensor of shape ``[heads, m]`` or ``[m]``
-            (shared by all heads), values in ``[0, 1]``, on q's device: pass ``t`` (its
-            place in ``order``) computes ``V_t = g[h, t] V_{t-1} + (1 - g[h, t]) A_t V_{t-1}``.
+            ``range(m)``: coarsest first, the contiguous dimension last. ``()`` (with
+            ``select`` only): no fold pass, the selected pass alone.
+        gate: None (no gate), or a floating tensor of shape ``[heads, passes]`` or
+            ``[passes]`` (shared by all heads; ``passes = len(order)``, plus one with
+            ``select``), values in ``[0, 1]``, on q's device: pass ``t`` (its place in
+            ``order``, the selected pass last) computes
+            ``V_t = g[h, t] V_{t-1} + (1 - g[h, t]) A_t V_{t-1}``.
             Gradients flow to it. The mix is computed in float32 (float64 for float64 inputs).
         sinks: ``S >= 0``; in every pass each query also reads positions ``0 .. S-1``
             (those ``<= p`` when causal) that its pass mask does not already hold, with the
@@ -132,6 +136,13 @@ def tensorized_attn(
             positions, pass j rotating position p at ``p // s_j`` and seeing sink i at the
             fixed distance ``n_j + S - 1 - i`` (DESIGN.md §3). The Triton backend takes each
             pass's rotated q and k (a rotated copy per pass: m copies of q and k).
+        select: None, or a :class:`tensorized_attention.passes.SelectedPass` ``(block,
+            topk)``: a content-addressed pass run after the fold passes (causal only): each
+            query reads its window of ``block`` keys, the tokens of the ``topk`` earlier
+            blocks whose mean key scores highest against it, and the sinks; with
+            ``positions`` the selected blocks are seen at virtual places just before the
+            window (see SelectedPass). ``block`` must divide ``prod(shape)`` when fold passes
+            run. Reference backend only (``"auto"`` picks it).
         backend: ``"auto"`` (the best available for q's device and dtype: ``"triton"`` on
             CUDA, else ``"reference"``), ``"reference"`` (PyTorch, any device, autograd)
             or ``"triton"`` (fused kernels; float16 / bfloat16 / float32, headdim <= 256).
@@ -163,8 +174,9 @@ def tensorized_attn(
         raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
     if mode == "complete" and not causal:
         raise ValueError("mode='complete' is causal only: pass causal=True, or mode='block' for bidirectional")
-    order = _check_order(order, m)
-    gate = _check_gate(gate, H, m, q.device)
+    order = _check_order(order, m, allow_empty=select is not None)
+    _check_select(select, causal, order, shape)
+    gate = _check_gate(gate, H, len(order) + (select is not None), q.device)
     if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
         raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
     if softmax_scale is None:
@@ -172,13 +184,13 @@ def tensorized_attn(
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     _check_positions(positions, D, q.device)
-    backend = _choose_backend(backend, q)
+    backend = _choose_backend(backend, q, select=select)
     options = dict(causal=causal, mode=mode, order=order, gate=gate, sinks=sinks, softmax_scale=float(softmax_scale))
     if backend == "triton":
         from .triton import tensorized_attn_triton
 
         return tensorized_attn_triton(q, k, v, shape, positions=positions, **options)
-    return tensorized_attn_reference(q, k, v, shape, positions=positions, **options)
+    return tensorized_attn_reference(q, k, v, shape, positions=positions, select=select, **options)
 
 
 def _check_tensors(q, k, v) -> None:
@@ -209,14 +221,28 @@ def _check_tensors(q, k, v) -> None:
         raise ValueError(f"number of heads in k/v ({Hkv}) must divide number of heads in q ({H})")
 
 
-def _check_order(order, m: int) -> tuple[int, ...]:
+def _check_order(order, m: int, allow_empty: bool = False) -> tuple[int, ...]:
     if order is None:
         return tuple(range(m))
+    if allow_empty and isinstance(order, Sequence) and len(order) == 0:
+        return ()
     if isinstance(order, (str, bytes)) or not isinstance(order, Sequence):
         raise TypeError(f"order must be a sequence of ints, a permutation of range({m}), got {order!r}")
     if any(isinstance(j, bool) or not isinstance(j, int) for j in order) or sorted(order) != list(range(m)):
         raise ValueError(f"order must be a permutation of range({m}) (one entry per fold dimension), got {tuple(order)}")
     return tuple(int(j) for j in order)
+
+
+def _check_select(select, causal: bool, order: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    if select is None:
+        return
+    if not isinstance(select, SelectedPass):
+        raise TypeError(f"select must be None or a SelectedPass(block, topk), got {type(select).__name__}")
+    if not causal:
+        raise ValueError("select (a selected pass) is causal only: pass causal=True")
+    if order and fold_size(shape) % select.block:
+        raise ValueError(f"select.block ({select.block}) must divide the fold's {fold_size(shape)} positions "
+                         f"(shape {shape}), so that its blocks tile the fold; e.g. block = shape[-1] = {shape[-1]}")
 
 
 def _check_gate(gate, heads: int, m: int, device: torch.device) -> torch.Tensor | None:
@@ -254,17 +280,20 @@ def _check_positions(positions, headdim: int, device: torch.device) -> None:
         raise ValueError(f"positions.inv_freq must be on q's device {device}, got {inv_freq.device}")
 
 
-def _choose_backend(backend: str, q: torch.Tensor) -> str:
+def _choose_backend(backend: str, q: torch.Tensor, select=None) -> str:
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     names = available_backends(q.device)
     if backend == "auto":
-        if names[0] == "triton" and (q.dtype not in TRITON_DTYPES or q.shape[-1] > TRITON_MAX_HEADDIM):
+        if names[0] == "triton" and (q.dtype not in TRITON_DTYPES or q.shape[-1] > TRITON_MAX_HEADDIM
+                                     or select is not None):
             return "reference"
         return names[0]
     if backend not in names:
         raise ValueError(f"backend {backend!r} is not available on device {q.device}; available: {names}")
     if backend == "triton":
+        if select is not None:
+            raise ValueError("backend 'triton' has no selected pass yet; use backend='reference' (or 'auto')")
         if q.dtype not in TRITON_DTYPES:
             raise TypeError(f"backend 'triton' takes dtypes {TRITON_DTYPES}, got {q.dtype}; use backend='reference'")
         if q.shape[-1] > TRITON_MAX_HEADDIM:

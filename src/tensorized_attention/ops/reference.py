@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fold import fold_size, strides
-from ..passes import FoldPass, plan_passes
+from ..passes import FoldPass, SelectedPass, plan_passes
 from ..rope import TensorPositions, pass_positions, rotate, sink_distances
 
 __all__ = ["tensorized_attn_reference"]
@@ -37,10 +37,12 @@ def tensorized_attn_reference(
     sinks: int,
     softmax_scale: float,
     positions: TensorPositions | None = None,
+    select: SelectedPass | None = None,
     return_values: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-    """q: [B, N, H, D]; k, v: [B, N, H_kv, D]; gate: [H, m] or None. Returns [B, N, H, D]
-    (and, with ``return_values``, the outputs of passes 1 .. m-1, each [B, N, H, D])."""
+    """q: [B, N, H, D]; k, v: [B, N, H_kv, D]; gate: [H, passes] or None; select: a
+    SelectedPass run after the fold passes (or alone, order=()). Returns [B, N, H, D] (and,
+    with ``return_values``, the outputs of every pass but the last, each [B, N, H, D])."""
     B, N, H, D = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
@@ -76,6 +78,15 @@ def tensorized_attn_reference(
                 dist = sink_distances(nominal[step.dim], sinks)[:sink_count].to(q.device)
                 sink_k = rotate(ki[..., :sink_count, :], -dist, positions.inv_freq, scale=rope_scale)
         values = _fold_pass(step, q_t, k_t, values, g, shape, N, sink_count, pos, softmax_scale, sink_q, sink_k)
+        passes.append(values)
+    if select is not None:
+        g = None if gate is None else gate[:, len(plan)].reshape(Hkv, G, 1, 1)
+        q_c, inv_freq = qi[..., :N, :], None
+        if positions is not None:  # content q and k, the keys rotated at minus their distance
+            q_c = (q_c.to(torch.float32) * rope_scale).to(qi.dtype)
+            inv_freq = positions.inv_freq
+        values = _selected_pass(select, q_c, ki[..., :N, :], values[..., :N, :], g, sink_count, sinks,
+                                softmax_scale, inv_freq, None if positions is None else rope_scale)
         passes.append(values)
     out = _to_output(values, N)
     if return_values:
@@ -176,3 +187,109 @@ def _mix_sinks(weights: torch.Tensor, sink_values: torch.Tensor) -> torch.Tensor
     if sink_values.shape[2] == 1:
         return torch.einsum("bhgcsij,bhjd->bhgcsid", weights, sink_values[:, :, 0])
     return torch.einsum("bhgcsij,bhgjd->bhgcsid", weights, sink_values)
+
+
+# Elements of the largest gathered tensor (queries x keys per query x heads x headdim) in
+# one chunk of queries of a selected pass: bounds its memory at any length.
+SELECT_CHUNK_ELEMENTS = 1 << 25
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, block: int, topk: int,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blocks each query selects (SelectedPass): q ``[B, Hkv, G, Q, D]`` (content, at
+    ``positions [Q]``), k ``[B, Hkv, 1, N, D]``. Returns the selected block indices in
+    increasing order ``[B, Hkv, G, Q, r_max]`` and how many each query has, ``[Q]``
+    (slots ``>= r`` hold an index past the last block)."""
+    n_blocks = k.shape[-2] // block
+    r_max = min(topk, n_blocks)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    count = torch.clamp(torch.div(positions, block, rounding_mode="floor"), max=r_max)
+    if r_max == 0:
+        return positions.new_zeros((*q.shape[:-1], 0)), count
+    with torch.no_grad():
+        B, Hkv, _, _, D = k.shape
+        means = k[:, :, 0, : n_blocks * block].to(acc).reshape(B, Hkv, n_blocks, block, D).mean(-2)
+        scores = torch.einsum("bhgqd,bhnd->bhgqn", q.to(acc), means) * scale
+        own = torch.div(positions, block, rounding_mode="floor")
+        candidate = torch.arange(n_blocks, device=q.device)[None, :] < own[:, None]  # [Q, n_blocks]
+        scores = scores.masked_fill(~candidate, float("-inf"))
+        # best first; of equal scores the later block: a stable sort over the blocks reversed
+        best = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices[..., :r_max]
+        chosen = n_blocks - 1 - best
+        slot = torch.arange(r_max, device=q.device)
+        chosen = torch.where(slot < count[:, None], chosen, n_blocks)
+        return torch.sort(chosen, dim=-1).values, count
+
+
+def _selected_pass(step, q, k, values, gate, sink_count, sinks, scale, inv_freq=None, rope_scale=None):
+    """One SelectedPass over the first N positions. q: [B, Hkv, G, N, D] (content: unrotated);
+    k: [B, Hkv, 1, N, D]; values: [B, Hkv, 1 or G, N, D]; inv_freq: rotary frequencies (keys
+    rotated at minus their distance, the query at 0) or None. Returns [B, Hkv, G, N, D]."""
+    B, Hkv, G, N, D = q.shape
+    W, device = step.block, q.device
+    acc = torch.promote_types(q.dtype, torch.float32)
+    keys_per_query = W * (1 + min(step.topk, N // W)) + sink_count
+    chunk = max(1, SELECT_CHUNK_ELEMENTS // (B * Hkv * G * keys_per_query * D))
+    values_g = values.expand(B, Hkv, G, N, D)
+    window_offsets = torch.arange(W, device=device)
+    sink_pos = torch.arange(sink_count, device=device)
+    outputs = []
+    for start in range(0, N, chunk):
+        p = torch.arange(start, min(start + chunk, N), device=device)  # [Q]
+        qc = q[..., p, :]
+        # window: key p - j at distance j
+        win_pos = p[:, None] - window_offsets[None, :]  # [Q, W]
+        win_ok = win_pos >= 0
+        win_pos = win_pos.clamp(min=0)
+        k_win, v_win = k[..., win_pos, :], values[..., win_pos, :]  # [B, Hkv, 1|Gv, Q, W, D]
+        # selected blocks, placed just before the window in their order
+        blocks, count = select_blocks(qc, k, p, W, step.topk, scale)  # [B, Hkv, G, Q, R], [Q]
+        R = blocks.shape[-1]
+        sel_pos = blocks[..., None] * W + window_offsets  # [B, Hkv, G, Q, R, W]
+        slot = torch.arange(R, device=device)[:, None]
+        sel_ok = (slot < count[:, None, None]) & (p[:, None, None] - sel_pos >= W)
+        sel_dist = ((count[:, None, None] - slot + 1) * W - 1 - window_offsets).expand_as(sel_pos)
+        sel_pos = torch.where(slot < count[:, None, None], sel_pos, 0).reshape(B, Hkv, G, -1)
+        index = sel_pos[..., None].expand(-1, -1, -1, -1, D)
+        k_sel = torch.gather(k.expand(B, Hkv, G, N, D), 3, index)  # [B, Hkv, G, Q * R * W, D]
+        v_sel = torch.gather(values_g, 3, index)
+        shape_sel = (B, Hkv, G, len(p), R * W, D)
+        k_sel, v_sel = k_sel.reshape(shape_sel), v_sel.reshape(shape_sel)
+        sel_ok, sel_dist = sel_ok.reshape(B, Hkv, G, len(p), R * W), sel_dist.reshape(B, Hkv, G, len(p), R * W)
+        # sinks in neither the window nor a selected block
+        sink_ok = (sink_pos[None, :] <= p[:, None]) & (p[:, None] - sink_pos[None, :] >= W)  # [Q, S]
+        in_selected = (blocks[..., None, :] == torch.div(sink_pos, W, rounding_mode="floor")[:, None]).any(-1)
+        sink_ok = sink_ok & ~in_selected  # [B, Hkv, G, Q, S]
+        sink_dist = (count[:, None] + 1) * W + sinks - 1 - sink_pos[None, :]  # [Q, S]
+        k_sink = k[..., :sink_count, :]
+        if inv_freq is not None:
+            k_win = rotate(k_win, -window_offsets, inv_freq, scale=rope_scale)
+            k_sel = rotate(k_sel, -sel_dist, inv_freq, scale=rope_scale)
+            k_sink = rotate(k_sink[..., None, :, :], -sink_dist, inv_freq, scale=rope_scale)  # [B, Hkv, 1, Q, S, D]
+        else:
+            k_sink = k_sink[..., None, :, :].expand(B, Hkv, 1, len(p), sink_count, D)
+        s_win = torch.einsum("bhgqd,bhqjd->bhgqj", qc, k_win[:, :, 0]) * scale
+        s_sel = torch.einsum("bhgqd,bhgqjd->bhgqj", qc, k_sel) * scale
+        s_sink = torch.einsum("bhgqd,bhqjd->bhgqj", qc, k_sink[:, :, 0]) * scale
+        scores = torch.cat([s_win.to(acc).masked_fill(~win_ok, float("-inf")),
+                            s_sel.to(acc).masked_fill(~sel_ok, float("-inf")),
+                            s_sink.to(acc).masked_fill(~sink_ok, float("-inf"))], dim=-1)
+        weights = torch.softmax(scores, dim=-1).to(values.dtype)
+        w_win, w_sel, w_sink = weights.split([W, R * W, sink_count], dim=-1)
+        if v_win.shape[2] == 1:
+            out = torch.einsum("bhgqj,bhqjd->bhgqd", w_win, v_win[:, :, 0])
+        else:
+            out = torch.einsum("bhgqj,bhgqjd->bhgqd", w_win, v_win)
+        out = out + torch.einsum("bhgqj,bhgqjd->bhgqd", w_sel, v_sel)
+        if sink_count:
+            v_sink = values[..., :sink_count, :]
+            if v_sink.shape[2] == 1:
+                out = out + torch.einsum("bhgqj,bhjd->bhgqd", w_sink, v_sink[:, :, 0])
+            else:
+                out = out + torch.einsum("bhgqj,bhgjd->bhgqd", w_sink, v_sink)
+        outputs.append(out)
+    out = torch.cat(outputs, dim=-2)
+    if gate is not None:
+        g = gate.to(acc)
+        out = (g * values.to(acc) + (1 - g) * out.to(acc)).to(values.dtype)
+    return out

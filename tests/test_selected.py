@@ -1,0 +1,194 @@
+"""The selected pass (passes.SelectedPass, DESIGN.md §8) against its dense float64 oracle.
+
+Forward and gradients in float64 (the ranking is discrete: the oracle ranks the blocks
+itself, one query at a time, from the spec), float32 and bfloat16 within a tolerance of
+the oracle on the same rounded inputs, alone (``order=()``) and after the fold passes,
+with sinks, gate, grouped-query attention, odd lengths and rotary positions; bad
+parameters raise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oracle import oracle, oracle_with_positions
+from tensorized_attention import TensorPositions, tensorized_attn
+from tensorized_attention.ops import reference
+from tensorized_attention.passes import SelectedPass
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    shape: tuple
+    seqlen: int
+    block: int
+    topk: int
+    fold_passes: bool = True
+    sinks: int = 0
+    gate: bool = False
+    heads: int = 4
+    kv_heads: int = 2
+    headdim: int = 8
+    positions: str | None = None  # None, "raw" (scaled 1.25) or "rotated" (as a Hugging Face layer gives them)
+
+    def __str__(self):
+        return (f"{self.shape}-N{self.seqlen}-W{self.block}k{self.topk}-{'fold' if self.fold_passes else 'alone'}"
+                f"-S{self.sinks}{'-gate' if self.gate else ''}-H{self.heads}/{self.kv_heads}-{self.positions}")
+
+
+CASES = [
+    Case((10, 4), 37, 4, 2),
+    Case((10, 4), 37, 4, 2, sinks=3, gate=True),
+    Case((10, 4), 40, 8, 1, fold_passes=False, sinks=2),
+    Case((7, 5), 33, 5, 3, fold_passes=False, heads=3, kv_heads=1, gate=True),
+    Case((3, 4, 5), 53, 5, 2, sinks=4, heads=2, kv_heads=2),
+    Case((10, 4), 37, 4, 2, sinks=3, gate=True, positions="raw"),
+    Case((10, 4), 39, 4, 3, fold_passes=False, sinks=2, positions="rotated"),
+    Case((6, 6), 36, 12, 1, heads=4, kv_heads=1, positions="rotated"),
+    Case((4, 4), 3, 4, 2, fold_passes=False, sinks=1),  # shorter than one block: window and sinks only
+]
+
+
+def _inv_freq(headdim: int) -> torch.Tensor:
+    return 1.0 / (100.0 ** (torch.arange(0, headdim, 2, dtype=torch.float32) / headdim))
+
+
+def make_inputs(case: Case, dtype=torch.float64, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N, H, Hkv, D = case.seqlen, case.heads, case.kv_heads, case.headdim
+    q = torch.randn(1, N, H, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(1, N, Hkv, D, generator=g, dtype=torch.float64) for _ in range(2))
+    inv = _inv_freq(D)
+    positions = None
+    if case.positions == "raw":
+        positions = TensorPositions(inv, attention_scaling=1.25)
+    elif case.positions == "rotated":
+        from tensorized_attention.rope import rotate
+
+        pos = torch.arange(N)
+        q, k = (rotate(x.transpose(1, 2), pos, inv).transpose(1, 2) for x in (q, k))
+        positions = TensorPositions(inv, rotated=True)
+    q, k, v = (x.to(dtype).requires_grad_(requires_grad) for x in (q, k, v))
+    passes = (len(case.shape) if case.fold_passes else 0) + 1
+    gate = torch.rand(H, passes, generator=g, dtype=torch.float64).to(dtype) if case.gate else None
+    if gate is not None:
+        gate.requires_grad_(requires_grad)
+    kwargs = dict(order=None if case.fold_passes else (), sinks=case.sinks, gate=gate,
+                  select=SelectedPass(case.block, case.topk))
+    return q, k, v, kwargs, positions
+
+
+def expected(case, q, k, v, kwargs, positions):
+    if positions is None:
+        return oracle(q, k, v, case.shape, **kwargs)
+    return oracle_with_positions(q, k, v, case.shape, positions.inv_freq, rotated=positions.rotated,
+                                 attention_scaling=positions.attention_scaling, **kwargs)
+
+
+def _tolerance(case: Case) -> float:
+    # rotary angles are computed in float32 (as models compute them): ~1e-7 from float64
+    return 1e-10 if case.positions is None else 2e-6
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_and_gradients_match_oracle(case):
+    q, k, v, kwargs, positions = make_inputs(case, requires_grad=True)
+    leaves = [q, k, v] + ([kwargs["gate"]] if case.gate else [])
+    out = tensorized_attn(q, k, v, case.shape, positions=positions, **kwargs)
+    want = expected(case, q, k, v, kwargs, positions)
+    tol = _tolerance(case)
+    torch.testing.assert_close(out, want, rtol=0, atol=tol)
+    upstream = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, upstream)
+    grads_want = torch.autograd.grad(want, leaves, upstream)
+    for name, got, ref in zip("qkvg", grads, grads_want, strict=False):
+        torch.testing.assert_close(got, ref, rtol=0, atol=tol * 10, msg=lambda m, name=name: f"d/d{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=str)
+def test_training_dtypes_close_to_oracle(case, dtype):
+    """float32 and bfloat16 (the dtypes models train in): forward and gradients within a
+    few units of the dtype's rounding of the float64 oracle on the same rounded inputs."""
+    q, k, v, kwargs, positions = make_inputs(case, dtype, requires_grad=True)
+    leaves = [q, k, v] + ([kwargs["gate"]] if case.gate else [])
+    out = tensorized_attn(q, k, v, case.shape, positions=positions, **kwargs)
+    assert out.dtype == dtype
+    want = expected(case, q, k, v, kwargs, positions)
+    eps = {torch.float32: 1e-5, torch.bfloat16: 3e-2}[dtype]
+    assert (out.double() - want).abs().max().item() <= eps
+    upstream = torch.randn_like(want)
+    grads = torch.autograd.grad(out, leaves, upstream.to(dtype))
+    grads_want = torch.autograd.grad(want, leaves, upstream)
+    for name, got, ref in zip("qkvg", grads, grads_want, strict=False):
+        scale = ref.abs().max().item() + 1.0
+        assert (got.double() - ref).abs().max().item() <= eps * scale * 2, name
+
+
+def test_chunks_of_queries_do_not_change_the_result(monkeypatch):
+    """The pass runs over chunks of queries to bound its memory: any chunking, one result."""
+    case = CASES[1]
+    q, k, v, kwargs, positions = make_inputs(case)
+    whole = tensorized_attn(q, k, v, case.shape, **kwargs)
+    monkeypatch.setattr(reference, "SELECT_CHUNK_ELEMENTS", 1)  # one query per chunk
+    torch.testing.assert_close(tensorized_attn(q, k, v, case.shape, **kwargs), whole, rtol=0, atol=1e-12)
+
+
+def test_selecting_every_earlier_block_is_causal_attention():
+    """With topk at least the number of blocks, no positions and no sinks, every query reads
+    every earlier key: the selected pass alone is full causal attention."""
+    q, k, v = torch.randn(3, 1, 45, 2, 16, dtype=torch.float64).unbind(0)
+    out = tensorized_attn(q, k, v, (9, 5), order=(), select=SelectedPass(5, 9))
+    full = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True)
+    torch.testing.assert_close(out, full.transpose(1, 2), rtol=0, atol=1e-12)
+
+
+def test_far_block_that_matches_the_query_is_read():
+    """A block whose keys align with the query is selected however far back it lies (60
+    blocks here), and its value then dominates the output."""
+    N, W, D = 4096, 64, 32
+    g = torch.Generator().manual_seed(1)
+    q = torch.zeros(1, N, 1, D, dtype=torch.float64)
+    k = torch.randn(1, N, 1, D, generator=g, dtype=torch.float64) * 0.1
+    v = torch.zeros(1, N, 1, D, dtype=torch.float64)
+    needle = slice(3 * W, 4 * W)  # block 3, ~60 blocks before the last query
+    q[0, -1, 0, 0] = 4.0
+    k[0, needle, 0, 0] = 4.0
+    v[0, needle, 0, 1] = 1.0
+    out = tensorized_attn(q, k, v, (64, 64), order=(), select=SelectedPass(W, 1), softmax_scale=1.0)
+    assert out[0, -1, 0, 1] > 0.99
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: SelectedPass(0, 2), "block must be an int >= 1"),
+        (lambda: SelectedPass(4, 0), "topk must be an int >= 1"),
+        (lambda: SelectedPass(4.0, 2), "block must be an int >= 1"),
+        (lambda: SelectedPass(4, True), "topk must be an int >= 1"),
+    ],
+)
+def test_bad_parameters_raise(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_bad_uses_raise():
+    q, k, v = torch.randn(3, 1, 40, 2, 8).unbind(0)
+    sel = SelectedPass(4, 2)
+    with pytest.raises(TypeError, match="select must be None or a SelectedPass"):
+        tensorized_attn(q, k, v, (10, 4), select=(4, 2))
+    with pytest.raises(ValueError, match="causal only"):
+        tensorized_attn(q, k, v, (10, 4), causal=False, select=sel)
+    with pytest.raises(ValueError, match=r"select.block \(3\) must divide the fold's 40 positions"):
+        tensorized_attn(q, k, v, (10, 4), select=SelectedPass(3, 2))
+    with pytest.raises(ValueError, match=r"gate must have shape \[heads, m\] = \[2, 3\]"):
+        tensorized_attn(q, k, v, (10, 4), select=sel, gate=torch.rand(2, 2))
+    with pytest.raises(ValueError, match="permutation"):
+        tensorized_attn(q, k, v, (10, 4), order=())  # no pass at all
+    # alone, the block need not divide the fold
+    assert tensorized_attn(q, k, v, (10, 4), order=(), select=SelectedPass(3, 2)).shape == q.shape
