@@ -55,7 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # the pilot's passes, then a selected pass (gate sigmoid(2) on the coarse pass and on the
     # selected pass: each starts mostly off and is learned)
-    "pilot+select": {
+    "pilot_select": {
         "shape": [None, 256],
         "mode": "complete",
         "order": [0, 1],
