@@ -203,7 +203,8 @@ def test_always_right_model_scores_one(builder, tokenizer):
             assert r["success"] and r["predicted"] == f" {r['key']}"
     stub = Stub(vocab)
     passkey.evaluate(stub, builder, [256], [0.5], progress=False)
-    assert stub.kept == [len(builder.answer(12345)) + 1]  # only the answer's logits
+    # only the answer's logits, for the true key and for the random one
+    assert stub.kept == [len(builder.answer(12345)) + 1] * 2
 
 
 def test_never_right_model_scores_zero(builder, tokenizer):
@@ -252,6 +253,95 @@ def test_answer_logits_of_a_real_model_equal_its_full_logits(checkpoint, builder
         passkey.answer_logits(model, ids[:5], 5)
 
 
+class KnowsTheKey(Stub):
+    """Predicts the next token of its input, except at the answer: there it predicts the
+    true key's tokens whatever the input holds (a model that read the needle)."""
+
+    def __init__(self, vocab: int, answer: list[int]):
+        super().__init__(vocab)
+        self.answer = answer
+
+    def logits(self, input_ids):
+        logits = super().logits(input_ids)
+        n = len(self.answer)
+        logits[:, -n - 1:-1] = -8.0
+        logits[0, torch.arange(input_ids.shape[1] - n - 1, input_ids.shape[1] - 1), self.answer] = 8.0
+        return logits
+
+
+def test_contrast_scores_a_random_key_after_the_same_prompt(builder, tokenizer):
+    prompt = builder.build(300, 0.5, 24680)
+    other = builder.answer(13579)
+    model = KnowsTheKey(len(tokenizer), builder.answer(24680))
+    score = passkey.score_prompt(model, prompt, builder.token_text, contrast=other)
+    assert score["success"] and score["nll"] < 1e-3 and score["nll_random"] > 10
+    assert model.kept == [len(other) + 1, len(other) + 1]  # two forwards, answer logits only
+    assert passkey.score_prompt(model, prompt, builder.token_text)["nll_random"] is None
+    trial = passkey.Trial(300, 0.5, 0, 24680)
+    assert passkey.contrast_key(trial) == passkey.contrast_key(trial) != 24680
+    result = passkey.evaluate(Stub(len(tokenizer), shift=1, wrong=10**6), builder, [256], [0.5], progress=False)
+    assert result["prefers_true"] is not None and result["mean_nll_random"] is not None
+    result = passkey.evaluate(Stub(len(tokenizer)), builder, [256], [0.5], progress=False, contrast=False)
+    assert result["prefers_true"] is None and result["trials"][0]["nll_random"] is None
+
+
+# ---------------------------------------------------------------------------------------
+# the multi-key task and real-text filler
+
+
+@pytest.mark.parametrize("length", [None, 700, 1500])
+def test_multi_key_prompt_hides_every_key_and_asks_one(builder, length):
+    trial = passkey.Trial(1500, 0.3, 1, 24680)
+    needles, asked = passkey.multi_needles(trial, 4, seed=2)
+    assert asked == 0 and needles[0][0] == 0.3 and needles[0][2] == 24680
+    assert len({n for _, n, _ in needles}) == 4 and len({k for _, _, k in needles}) == 4
+    assert needles == passkey.multi_needles(trial, 4, seed=2)[0]
+    length = length or builder.min_length_multi(needles, asked)
+    p = builder.build_multi(length, needles, asked)
+    assert len(p.ids) == length and p.needles == 4 and p.key == 24680
+    text = builder.text(p)
+    lines = text.split(passkey.SEPARATOR)
+    assert lines[0] == passkey.INTRO and len(lines) == 2 * 4 + 3
+    needle_lines = [line for line in lines if line.startswith("The pass key of")]
+    order = sorted(range(4), key=lambda i: needles[i][0])
+    assert needle_lines == [passkey.MULTI_NEEDLE.format(name=needles[i][1], key=needles[i][2]) for i in order]
+    name = needles[0][1]
+    assert lines[-1] == passkey.MULTI_QUESTION.format(name=name) + " 24680"
+    assert p.ids[p.needle_offset:p.needle_offset + p.needle_length] == builder.encode(
+        passkey.MULTI_NEEDLE.format(name=name, key=24680))
+    assert all(line for line in lines)  # every filler segment holds text
+    if length == 1500:
+        sentence = max(len(x) for x in builder.filler_next)
+        assert abs(p.filler_before - 0.3 * p.filler_tokens) <= sentence
+    with pytest.raises(ValueError, match="shorter than the prompt's fixed parts"):
+        builder.build_multi(builder.min_length_multi(needles, asked) - 1, needles, asked)
+
+
+def test_multi_key_errors(builder):
+    trial = passkey.Trial(500, 0.5, 0, 11111)
+    with pytest.raises(ValueError, match="keys must lie in"):
+        passkey.multi_needles(trial, 1)
+    with pytest.raises(ValueError, match="2 or more needles"):
+        builder.build_multi(500, [(0.5, "Anna", 11111)], 0)
+
+
+def test_text_filler_reads_on_across_the_needle(tokenizer):
+    text = list(range(100, 400))  # token ids as filler text
+    builder = passkey.PromptBuilder(tokenizer, filler_text=text)
+    p = builder.build(260, 0.4, 13579, filler_offset=50)
+    assert len(p.ids) == 260 and abs(p.filler_before - 0.4 * p.filler_tokens) <= 1
+    sep = len(builder.separator)
+    before = p.ids[len(builder.intro) + sep: p.needle_offset - sep]
+    after_start = p.needle_offset + p.needle_length + sep
+    after = p.ids[after_start: after_start + p.filler_tokens - p.filler_before]
+    assert before + after == text[50: 50 + p.filler_tokens]  # one stretch of text, cut by the needle
+    wrapped = builder.build(260, 0.5, 13579, filler_offset=290)  # reads past the end: wraps around
+    assert len(wrapped.ids) == 260
+    assert builder.describe()["filler"] == "text"
+    with pytest.raises(ValueError, match="filler_text must hold at least 2 tokens"):
+        passkey.PromptBuilder(tokenizer, filler_text=[1])
+
+
 # ---------------------------------------------------------------------------------------
 # showing a result
 
@@ -262,7 +352,7 @@ def test_table_and_heatmap_from_a_result(builder, tokenizer, tmp_path):
     result.update(passkey.summarize(result["trials"], result["lengths"], result["depths"]))
     table = passkey.format_table(result)
     lines = table.splitlines()
-    assert lines[0].split() == ["length", "0.00", "0.50", "1.00", "all", "digits", "NLL"]
+    assert lines[0].split() == ["length", "0.00", "0.50", "1.00", "all", "digits", "NLL", "true>random"]
     assert lines[1].split()[:5] == ["256", "0/1", "1/1", "1/1", "2/3"]
     assert lines[2].split()[:5] == ["2k", "1/1", "1/1", "1/1", "3/3"]
     pytest.importorskip("matplotlib")
@@ -309,7 +399,32 @@ def test_cli_on_the_tiny_checkpoint(checkpoint, tmp_path, capsys, spec):
         assert (out / "passkey.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_multi_key_with_text_filler(checkpoint, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from tensorized_attention import corpus
+    from tensorized_attention.corpus import Document
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    words = "the river runs under the old stone bridge and into the quiet town " * 60
+    docs = [Document(f"s/{i}", "s", str(i), f"Document {i}. " + words) for i in range(12)]
+    data = tmp_path / "corpus"
+    corpus.build_corpus(docs, tokenizer, data, val_fraction=0.0, test_fraction=0.5)
+    out = tmp_path / "multi"
+    argv = ["passkey", "--model", str(checkpoint), "--attention", "full", "--lengths", "400", "--depths", "2",
+            "--keys", "3", "--filler", "text", "--filler-data", str(data), "--device", "cpu", "--out", str(out),
+            "--no-progress", "--no-plot"]
+    assert main(argv) == 0
+    result = json.loads((out / "passkey.json").read_text())
+    assert result["task"] == "multi-key (3 keys)" and result["keys"] == 3 and result["filler_data"] == str(data)
+    assert result["protocol"]["filler"] == "text" and len(result["trials"]) == 2
+    assert all(r["nll_random"] is not None for r in result["trials"])
+    assert "true>random" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--keys", "0"], "--keys must lie in \\[1, 16\\], got 0"),
+    (["--filler", "text"], "--filler text reads its text from --filler-data"),
     (["--lengths", "128"], "--lengths: 128 is too short for the prompt's fixed parts: .* use lengths >= "),
     (["--lengths", "1k,x"], "--lengths: not a length"),
     (["--lengths", "300,300"], "each length once"),

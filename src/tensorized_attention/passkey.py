@@ -56,7 +56,11 @@ import torch
 __all__ = [
     "ANSWER",
     "FILLER",
+    "FILLERS",
     "INTRO",
+    "MULTI_NEEDLE",
+    "MULTI_QUESTION",
+    "NAMES",
     "NEEDLE",
     "QUESTION",
     "SEPARATOR",
@@ -65,8 +69,11 @@ __all__ = [
     "Trial",
     "add_arguments",
     "answer_logits",
+    "contrast_key",
     "evaluate",
+    "filler_offset",
     "format_table",
+    "multi_needles",
     "parse_depths",
     "plan_trials",
     "plot_heatmap",
@@ -84,6 +91,12 @@ QUESTION = "What is the pass key? The pass key is"
 ANSWER = " {key}"
 SEPARATOR = "\n"
 KEY_RANGE = (10000, 99999)  # 5-digit keys, both ends included
+# the multi-key task: several named keys hidden, one asked
+MULTI_NEEDLE = "The pass key of {name} is {key}. Remember it. {key} is the pass key of {name}."
+MULTI_QUESTION = "What is the pass key of {name}? The pass key of {name} is"
+NAMES = ("Anna", "Boris", "Clara", "David", "Elena", "Felix", "Greta", "Hugo", "Irene", "Jonas", "Karla", "Lukas",
+         "Maria", "Nikos", "Olga", "Peter")
+FILLERS = ("repeat", "text")
 
 DEFAULT_LENGTHS = "2k,8k,32k,128k"
 DEFAULT_DEPTHS = "10"
@@ -110,6 +123,7 @@ class PasskeyPrompt:
     answer_length: int
     filler_tokens: int
     filler_before: int
+    needles: int = 1  # needles in the prompt (more than 1: the multi-key task)
 
     @property
     def length(self) -> int:
@@ -135,10 +149,17 @@ class PromptBuilder:
     tokenizer does: a BOS when ``tokenizer("x")`` (special tokens on) starts with it, as
     Llama 2 and 3 tokenizers do; SmolLM2's adds none, so its prompts start with the
     instruction.
+
+    ``filler_text``: token ids of real text (e.g. a corpus's test split) to fill with instead
+    of the repeated sentences: the filler is read from ``filler_offset`` on (wrapping
+    around), continuing after the needle, and a needle may go in at any token boundary.
     """
 
-    def __init__(self, tokenizer, *, bos: bool | None = None):
+    def __init__(self, tokenizer, *, bos: bool | None = None, filler_text: Sequence[int] | None = None):
         self.tokenizer = tokenizer
+        if filler_text is not None and len(filler_text) < 2:
+            raise ValueError("filler_text must hold at least 2 tokens")
+        self.filler_text = None if filler_text is None else [int(t) for t in filler_text]
         bos_id = getattr(tokenizer, "bos_token_id", None)
         if bos is None:
             try:
@@ -190,7 +211,16 @@ class PromptBuilder:
             i += 1
         return ids[:count], [e for e in ends if e < count]
 
-    def build(self, length: int, depth: float, key: int) -> PasskeyPrompt:
+    def _stream(self, count: int, offset: int) -> tuple[list[int], list[int]]:
+        """``count`` filler tokens read from ``offset`` on, and where a needle may go in."""
+        if self.filler_text is None:
+            return self.filler(count)
+        text = self.filler_text
+        start = offset % len(text)
+        ids = (text[start:] + text * (1 + count // len(text)))[:count]
+        return ids, list(range(1, count))
+
+    def build(self, length: int, depth: float, key: int, *, filler_offset: int = 0) -> PasskeyPrompt:
         """The prompt of exactly ``length`` tokens with ``key``'s needle at ``depth`` (a
         fraction of the filler, in [0, 1]); ValueError when ``length`` is below
         :meth:`min_length`.
@@ -212,18 +242,79 @@ class PromptBuilder:
         # tokens of the filler segments and of their separators (at least s + 1)
         budget = length - (len(self.prefix) + len(self.intro) + len(needle) + len(self.question)
                            + len(answer) + 2 * s)
-        stream, ends = self.filler(budget - s)
+        stream, ends = self._stream(budget - s, filler_offset)
         options = [(0, budget - s), (budget - s, 0)]  # (filler before, filler after)
         options += [(b, budget - 2 * s - b) for b in ends if b <= budget - 2 * s - 1]
         before, after = min(options, key=lambda o: (abs(o[0] / (o[0] + o[1]) - depth), o[0]))
         head = self.prefix + self.intro + (sep + stream[:before] if before else []) + sep
-        tail = sep + self.filler(after)[0] if after else []
+        if self.filler_text is None:  # the repeated filler starts again after the needle
+            tail = sep + self.filler(after)[0] if after else []
+        else:  # real text reads on
+            tail = sep + self._stream(after, filler_offset + before)[0] if after else []
         ids = head + needle + tail + sep + self.question + answer
         if len(ids) != length:  # pragma: no cover - a bug, not an input error
             raise RuntimeError(f"built {len(ids)} tokens, expected {length}")
         return PasskeyPrompt(ids=ids, key=key, depth=float(depth), needle_offset=len(head),
                              needle_length=len(needle), answer_offset=length - len(answer),
                              answer_length=len(answer), filler_tokens=before + after, filler_before=before)
+
+    def build_multi(self, length: int, needles: Sequence[tuple[float, str, int]], asked: int, *,
+                    filler_offset: int = 0) -> PasskeyPrompt:
+        """A multi-key prompt of exactly ``length`` tokens: each ``(depth, name, key)`` of
+        ``needles`` hidden at its depth (:data:`MULTI_NEEDLE`), the question asks for
+        ``needles[asked]``'s key (:data:`MULTI_QUESTION`). Layout: the instruction, then
+        filler and needles alternating, each filler segment at least one token and every
+        part after a separator; needle i goes in at the boundary nearest ``depth_i`` times
+        the filler (in the order of the depths, ties in the given order). The returned
+        prompt describes the asked needle."""
+        if len(needles) < 2 or not 0 <= asked < len(needles):
+            raise ValueError(f"build_multi takes 2 or more needles and the index of one, got {len(needles)} "
+                             f"needles and asked={asked}")
+        if any(not 0.0 <= d <= 1.0 for d, _, _ in needles):
+            raise ValueError(f"depths must lie in [0, 1], got {[d for d, _, _ in needles]}")
+        sep = self.separator
+        s = len(sep)
+        n = len(needles)
+        texts = [self.encode(MULTI_NEEDLE.format(name=name, key=key)) for _, name, key in needles]
+        question = self.encode(MULTI_QUESTION.format(name=needles[asked][1]))
+        answer = self.answer(needles[asked][2])
+        fixed = len(self.prefix) + len(self.intro) + sum(map(len, texts)) + len(question) + len(answer)
+        total = length - fixed - (2 * n + 2) * s  # filler tokens, n + 1 segments of at least one
+        if total < n + 1:
+            raise ValueError(f"length {length} is shorter than the prompt's fixed parts "
+                             f"({fixed + (2 * n + 2) * s + n + 1} tokens with one filler token per segment)")
+        stream, ends = self._stream(total, filler_offset)
+        order = sorted(range(n), key=lambda i: (needles[i][0], i))
+        cuts, low = [], 1
+        for rank, i in enumerate(order):
+            high = total - (n - rank)
+            want = needles[i][0] * total
+            cut = min((e for e in ends if low <= e <= high), key=lambda e: (abs(e - want), e), default=low)
+            cuts.append(cut)
+            low = cut + 1
+        ids = self.prefix + self.intro
+        starts, previous = {}, 0
+        for rank, i in enumerate(order):
+            ids = ids + sep + stream[previous:cuts[rank]] + sep
+            starts[i] = len(ids)
+            ids = ids + texts[i]
+            previous = cuts[rank]
+        ids = ids + sep + stream[previous:] + sep + question + answer
+        if len(ids) != length:  # pragma: no cover - a bug, not an input error
+            raise RuntimeError(f"built {len(ids)} tokens, expected {length}")
+        before = cuts[order.index(asked)]
+        return PasskeyPrompt(ids=ids, key=needles[asked][2], depth=float(needles[asked][0]),
+                             needle_offset=starts[asked], needle_length=len(texts[asked]),
+                             answer_offset=length - len(answer), answer_length=len(answer),
+                             filler_tokens=total, filler_before=before, needles=n)
+
+    def min_length_multi(self, needles: Sequence[tuple[float, str, int]], asked: int) -> int:
+        """The shortest multi-key prompt of these needles (one filler token per segment)."""
+        n = len(needles)
+        fixed = (len(self.prefix) + len(self.intro) + len(self.encode(MULTI_QUESTION.format(name=needles[asked][1])))
+                 + sum(len(self.encode(MULTI_NEEDLE.format(name=nm, key=k))) for _, nm, k in needles)
+                 + len(self.answer(needles[asked][2])))
+        return fixed + (2 * n + 2) * len(self.separator) + n + 1
 
     def token_text(self, token: int) -> str:
         """The text of one token (``tokenizer.decode([token])``)."""
@@ -235,7 +326,10 @@ class PromptBuilder:
 
     def describe(self) -> dict[str, Any]:
         """A JSON-ready record of the protocol."""
-        return {"intro": INTRO, "filler": list(FILLER), "needle": NEEDLE, "question": QUESTION,
+        return {"intro": INTRO, "filler": list(FILLER) if self.filler_text is None else "text",
+                "filler_text_tokens": None if self.filler_text is None else len(self.filler_text),
+                "needle": NEEDLE, "question": QUESTION,
+                "multi_needle": MULTI_NEEDLE, "multi_question": MULTI_QUESTION,
                 "answer": ANSWER, "separator": SEPARATOR, "key_range": list(KEY_RANGE),
                 "bos": bool(self.prefix), "min_length": self.min_length(KEY_RANGE[1]),
                 "filler_cycle_tokens": sum(len(s) for s in self.filler_next),
@@ -276,6 +370,39 @@ def plan_trials(lengths: Sequence[int], depths: Sequence[float], trials: int, se
         raise ValueError(f"trials must be >= 1, got {trials}")
     return [Trial(int(n), float(d), i, trial_key(seed, int(n), float(d), i))
             for n in lengths for d in depths for i in range(trials)]
+
+
+def multi_needles(trial: Trial, keys: int, seed: int = 0) -> tuple[list[tuple[float, str, int]], int]:
+    """The needles of a multi-key trial: ``(depth, name, key)`` for ``keys`` needles, the
+    asked one first (the trial's depth and key), the others at depths and with keys drawn
+    from a generator seeded with the trial (distinct names and keys). Returns the needles
+    and the index of the asked one (0)."""
+    if not 2 <= keys <= len(NAMES):
+        raise ValueError(f"keys must lie in [2, {len(NAMES)}] for the multi-key task, got {keys}")
+    rng = random.Random(f"multikey/{seed}/{trial.length}/{trial.depth!r}/{trial.index}")
+    names = rng.sample(NAMES, keys)
+    values = [trial.key]
+    while len(values) < keys:
+        value = rng.randint(*KEY_RANGE)
+        if value not in values:
+            values.append(value)
+    depths = [trial.depth] + [rng.random() for _ in range(keys - 1)]
+    return list(zip(depths, names, values, strict=True)), 0
+
+
+def contrast_key(trial: Trial, seed: int = 0) -> int:
+    """A random key other than the trial's: its answer's likelihood is the baseline the
+    true answer's is compared with."""
+    rng = random.Random(f"contrast/{seed}/{trial.length}/{trial.depth!r}/{trial.index}")
+    while True:
+        value = rng.randint(*KEY_RANGE)
+        if value != trial.key:
+            return value
+
+
+def filler_offset(trial: Trial, size: int, seed: int = 0) -> int:
+    """Where a trial starts reading a real-text filler of ``size`` tokens (seeded)."""
+    return random.Random(f"filler/{seed}/{trial.length}/{trial.depth!r}/{trial.index}").randrange(size)
 
 
 def parse_depths(text: str) -> list[float]:
@@ -379,7 +506,8 @@ def _digits_right(targets: list[int], predicted: list[int], token_text: Callable
 
 
 @torch.no_grad()
-def score_prompt(model, prompt: PasskeyPrompt, token_text: Callable[[int], str] | None = None) -> dict[str, Any]:
+def score_prompt(model, prompt: PasskeyPrompt, token_text: Callable[[int], str] | None = None,
+                 contrast: Sequence[int] | None = None) -> dict[str, Any]:
     """Score ``prompt`` with ``model``, teacher-forced, one forward pass
     (:func:`answer_logits`).
 
@@ -387,7 +515,9 @@ def score_prompt(model, prompt: PasskeyPrompt, token_text: Callable[[int], str] 
     the key's digits right, see :func:`_digits_right`; ``token_text`` maps a token id to its
     text, e.g. :meth:`PromptBuilder.token_text`; without it, the share of answer tokens
     right), ``nll`` (the answer tokens' mean negative log-likelihood, nats), ``predicted``
-    (the argmax ids) and ``seconds``.
+    (the argmax ids) and ``seconds``. With ``contrast`` (the answer ids of another key) also
+    ``nll_random``: that answer's mean negative log-likelihood after the same prompt (a
+    second forward pass; ``seconds`` counts both); the true answer should be the likelier.
     """
     device = _device_of(model)
     ids = torch.tensor(prompt.ids, dtype=torch.long, device=device)
@@ -401,6 +531,13 @@ def score_prompt(model, prompt: PasskeyPrompt, token_text: Callable[[int], str] 
     targets = ids[-count:].to(logits.device)
     nll = torch.nn.functional.cross_entropy(logits, targets, reduction="mean")
     predicted = logits.argmax(-1).tolist()
+    nll_random = None
+    if contrast is not None:
+        other = torch.tensor(list(prompt.ids[: prompt.answer_offset]) + list(contrast), dtype=torch.long,
+                             device=device)
+        other_logits = answer_logits(model, other, len(contrast))
+        nll_random = float(torch.nn.functional.cross_entropy(
+            other_logits, other[-len(contrast):].to(other_logits.device), reduction="mean"))
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -409,6 +546,7 @@ def score_prompt(model, prompt: PasskeyPrompt, token_text: Callable[[int], str] 
         "success": predicted == target_list,
         "digits_right": _digits_right(target_list, predicted, token_text),
         "nll": float(nll),
+        "nll_random": nll_random,
         "predicted": predicted,
         "seconds": seconds,
     }
@@ -423,9 +561,13 @@ def evaluate(
     trials: int = 1,
     seed: int = 0,
     progress: bool = True,
+    keys: int = 1,
+    contrast: bool = True,
 ) -> dict[str, Any]:
     """Run every trial of the grid (:func:`plan_trials`) with ``model`` and summarize it
-    (:func:`summarize`). Returns ``lengths``, ``depths``, ``trials_per_cell``, ``seed``,
+    (:func:`summarize`). ``keys`` > 1: the multi-key task (:func:`multi_needles`,
+    :meth:`PromptBuilder.build_multi`); ``contrast``: also score a random other key
+    (:func:`contrast_key`; ``nll_random`` in each record). Returns ``lengths``, ``depths``, ``trials_per_cell``, ``seed``,
     ``trials`` (one record per trial: ``length``, ``depth``, ``depth_actual``, ``trial``,
     ``key``, ``needle_offset``, ``needle_tokens``, ``distance`` (needle to answer, tokens),
     ``answer_tokens``, ``success``, ``digits_right``, ``nll``, ``predicted`` (the argmax
@@ -441,10 +583,16 @@ def evaluate(
     records = []
     successes = 0
     for trial in bar:
-        prompt = builder.build(trial.length, trial.depth, trial.key)
+        offset = filler_offset(trial, len(builder.filler_text), seed) if builder.filler_text is not None else 0
+        if keys > 1:
+            needles, asked = multi_needles(trial, keys, seed)
+            prompt = builder.build_multi(trial.length, needles, asked, filler_offset=offset)
+        else:
+            prompt = builder.build(trial.length, trial.depth, trial.key, filler_offset=offset)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        score = score_prompt(model, prompt, builder.token_text)
+        other = builder.answer(contrast_key(trial, seed)) if contrast else None
+        score = score_prompt(model, prompt, builder.token_text, contrast=other)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         successes += score["success"]
         records.append({
@@ -452,14 +600,15 @@ def evaluate(
             "trial": trial.index, "key": trial.key, "needle_offset": prompt.needle_offset,
             "needle_tokens": prompt.needle_length, "distance": prompt.distance,
             "answer_tokens": prompt.answer_length, "success": score["success"],
-            "digits_right": score["digits_right"], "nll": score["nll"],
+            "digits_right": score["digits_right"], "nll": score["nll"], "nll_random": score["nll_random"],
             "predicted": "".join(builder.token_text(t) for t in score["predicted"]),
             "seconds": score["seconds"], "peak_memory_mb": peak,
         })
         if tqdm is not None and progress:
             bar.set_postfix_str(f"L={trial.length} ok {successes}/{len(records)}")
     return {"lengths": [int(n) for n in lengths], "depths": [float(d) for d in depths],
-            "trials_per_cell": trials, "seed": seed, **summarize(records, lengths, depths), "trials": records}
+            "trials_per_cell": trials, "seed": seed, "keys": keys, **summarize(records, lengths, depths),
+            "trials": records}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -469,8 +618,12 @@ def _mean(values: list[float]) -> float | None:
 def _group(rows: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(rows)
     ok = sum(bool(r["success"]) for r in rows)
+    contrasted = [r for r in rows if r.get("nll_random") is not None]
     return {"trials": n, "successes": ok, "accuracy": ok / n if n else None,
-            "digits_right": _mean([r["digits_right"] for r in rows]), "mean_nll": _mean([r["nll"] for r in rows])}
+            "digits_right": _mean([r["digits_right"] for r in rows]), "mean_nll": _mean([r["nll"] for r in rows]),
+            "mean_nll_random": _mean([r["nll_random"] for r in contrasted]),
+            # the share of trials whose true answer is likelier than the random one
+            "prefers_true": _mean([float(r["nll"] < r["nll_random"]) for r in contrasted])}
 
 
 def summarize(records: list[dict[str, Any]], lengths: Sequence[int], depths: Sequence[float]) -> dict[str, Any]:
@@ -514,9 +667,11 @@ def _cell(result: dict[str, Any], length: int, depth: float) -> dict[str, Any] |
 def format_table(result: dict[str, Any]) -> str:
     """A text table of a result (``evaluate``'s, or ``passkey.json`` loaded): a row per
     length, a column per depth (successes / trials), then all depths together: successes,
-    mean digits right and mean answer NLL."""
+    mean digits right, mean answer NLL and (when scored) the share of trials whose answer is
+    likelier than a random key's."""
     depths = result["depths"]
-    header = ["length", *[f"{d:.2f}" for d in depths], "all", "digits", "NLL"]
+    contrasted = any(p.get("prefers_true") is not None for p in result["per_length"])
+    header = ["length", *[f"{d:.2f}" for d in depths], "all", "digits", "NLL"] + (["true>random"] if contrasted else [])
     rows = []
     for n in result["lengths"]:
         row = [_length_label(n)]
@@ -527,6 +682,8 @@ def format_table(result: dict[str, Any]) -> str:
         row += [f"{total['successes']}/{total['trials']}",
                 f"{total['digits_right']:.0%}" if total["digits_right"] is not None else "-",
                 f"{total['mean_nll']:.3f}" if total["mean_nll"] is not None else "-"]
+        if contrasted:
+            row.append(f"{total['prefers_true']:.0%}" if total.get("prefers_true") is not None else "-")
         rows.append(row)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
@@ -603,6 +760,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="needle depths: a count n (evenly spaced in [0, 1]) or a comma list of fractions")
     parser.add_argument("--trials", type=int, default=1, help="trials (random keys) per length and depth")
     parser.add_argument("--seed", type=int, default=0, help="seed of the keys")
+    parser.add_argument("--keys", type=int, default=1,
+                        help=f"keys hidden per prompt: 1 = the passkey task, 2 .. {len(NAMES)} = multi-key "
+                             "(named keys, one asked)")
+    parser.add_argument("--filler", choices=FILLERS, default="repeat",
+                        help="repeat: LongLoRA's five sentences; text: real text from --filler-data")
+    parser.add_argument("--filler-data", default=None,
+                        help="a corpus built by 'tensorized-attention corpus' (its test split fills with --filler text)")
+    parser.add_argument("--no-contrast", action="store_true",
+                        help="do not score a random other key (saves the second forward pass per trial)")
     parser.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
                         help="a BOS token first: auto = when the tokenizer adds one itself")
     parser.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
@@ -640,17 +806,43 @@ def run(args: argparse.Namespace, command: str) -> int:
         return fail(str(err))
     if args.trials < 1:
         return fail(f"--trials must be >= 1, got {args.trials}")
+    if not 1 <= args.keys <= len(NAMES):
+        return fail(f"--keys must lie in [1, {len(NAMES)}], got {args.keys}")
+    if (args.filler == "text") != (args.filler_data is not None):
+        return fail("--filler text reads its text from --filler-data CORPUS (and --filler-data needs --filler text)")
+    filler_text = None
+    if args.filler == "text":
+        import numpy as np
+
+        from .corpus import load_split
+
+        try:
+            split = load_split(args.filler_data, "test")
+        except (OSError, ValueError) as err:
+            return fail(f"--filler-data: {err}")
+        filler_text = np.asarray(split.tokens, dtype=np.int64)
+        if len(filler_text) < 2:
+            return fail(f"--filler-data: the test split of {args.filler_data} holds no text")
     try:
         model, tokenizer, device, load_s = load_for_job(
             args.model, setup, device=args.device, dtype=args.dtype, threads=args.threads, cache_dir=args.cache_dir)
     except LOAD_ERRORS as err:
         return fail(str(err))
+    if filler_text is not None:
+        vocab = model.get_input_embeddings().num_embeddings
+        if int(filler_text.max()) >= vocab:
+            return fail(f"--filler-data: token ids up to {int(filler_text.max())}, beyond the model's vocabulary "
+                        f"({vocab}): the corpus was built with another tokenizer")
     try:
-        builder = PromptBuilder(tokenizer, bos={"auto": None, "yes": True, "no": False}[args.bos])
+        builder = PromptBuilder(tokenizer, bos={"auto": None, "yes": True, "no": False}[args.bos],
+                                filler_text=filler_text)
     except ValueError as err:
         return fail(str(err))
     plan = plan_trials(lengths, depths, args.trials, args.seed)
-    needed = max(builder.min_length(t.key) for t in plan)
+    if args.keys > 1:
+        needed = max(builder.min_length_multi(*multi_needles(t, args.keys, args.seed)) for t in plan)
+    else:
+        needed = max(builder.min_length(t.key) for t in plan)
     short = [n for n in lengths if n < needed]
     if short:
         return fail(f"--lengths: {', '.join(map(str, short))} {'is' if len(short) == 1 else 'are'} too short "
@@ -673,7 +865,7 @@ def run(args: argparse.Namespace, command: str) -> int:
         print(f"note: lengths beyond the model's max_position_embeddings ({max_positions}) run as they are")
 
     result = evaluate(model, builder, lengths, depths, trials=args.trials, seed=args.seed,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, keys=args.keys, contrast=not args.no_contrast)
     import transformers
 
     record = {
@@ -685,6 +877,8 @@ def run(args: argparse.Namespace, command: str) -> int:
         "max_position_embeddings": max_positions,
         "dtype": str(dtype).replace("torch.", ""),
         "protocol": builder.describe(),
+        "task": "passkey" if args.keys == 1 else f"multi-key ({args.keys} keys)",
+        "filler_data": args.filler_data,
         **{k: v for k, v in result.items() if k != "trials"},
         "load_s": round(load_s, 2),
         "device": bench.device_info(device),
@@ -695,8 +889,10 @@ def run(args: argparse.Namespace, command: str) -> int:
     print()
     print(format_table(record))
     print()
+    contrast = (f", the answer likelier than a random key's in {record['prefers_true']:.0%} of trials"
+                if record.get("prefers_true") is not None else "")
     print(f"accuracy {record['successes']}/{len(plan)} = {record['accuracy']:.1%}, digits right "
-          f"{record['digits_right']:.1%}, answer NLL {record['mean_nll']:.3f} nats; "
+          f"{record['digits_right']:.1%}, answer NLL {record['mean_nll']:.3f} nats{contrast}; "
           f"{record['seconds']:.1f} s in the model")
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "passkey.json")

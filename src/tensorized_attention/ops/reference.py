@@ -191,7 +191,7 @@ def _mix_sinks(weights: torch.Tensor, sink_values: torch.Tensor) -> torch.Tensor
 
 # Elements of the largest gathered tensor (queries x keys per query x heads x headdim) in
 # one chunk of queries of a selected pass: bounds its memory at any length.
-SELECT_CHUNK_ELEMENTS = 1 << 25
+SELECT_CHUNK_ELEMENTS = 1 << 27
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, block: int, topk: int,
