@@ -188,6 +188,23 @@ def test_tensorized_gates_train_and_are_saved(checkpoint, tokens, tmp_path):
     assert torch.equal(dict(model.named_parameters())[GATE].detach(), saved)
 
 
+def test_new_lr_is_the_learning_rate_of_the_gate_logits(checkpoint):
+    """--new-lr: the parameters tensorized attention adds (the gate logits) get their own
+    peak learning rate, as a share of the schedule's; the pretrained weights keep --lr."""
+    model, _ = load_with_attention(checkpoint, parse_attention("tensorized:pilot"))
+    gates = {id(p) for name, p in model.named_parameters() if name.endswith(hf.attention.GATE_PARAM)}
+    assert gates
+    same = T.make_optimizer(model, lr=1e-4, weight_decay=0.1)
+    assert all(g["lr_scale"] == 1.0 for g in same.param_groups)
+    split = T.make_optimizer(model, lr=1e-4, weight_decay=0.1, new_lr=1e-2)
+    new = [g for g in split.param_groups if any(id(p) in gates for p in g["params"])]
+    assert len(new) == 1 and {id(p) for p in new[0]["params"]} == gates
+    assert new[0]["lr_scale"] == pytest.approx(100.0) and new[0]["weight_decay"] == 0.0
+    assert sum(len(g["params"]) for g in split.param_groups) == sum(p.requires_grad for p in model.parameters())
+    with pytest.raises(T.TrainError, match="--new-lr must be > 0"):
+        T.TrainConfig(context=32, batch=4, train_tokens=1000, new_lr=0.0).check()
+
+
 def test_window_trains_with_its_gate_fixed(checkpoint, tokens, tmp_path):
     """Also under torch.autocast (bfloat16 compute, float32 weights), where the rotation gives
     float32 q and k beside a bfloat16 v: the attention runs in the autocast dtype, as SDPA."""

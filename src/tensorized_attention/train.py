@@ -91,8 +91,8 @@ PRECISIONS = ("auto", "float32", "bf16-autocast", "bfloat16")
 PEAK_TFLOPS_BF16 = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0))
 #: the settings a checkpoint must share with the run that resumes it (they fix the windows
 #: read at each step and the learning rate of each step)
-RUN_KEYS = ("model", "attention", "data", "context", "batch", "train_tokens", "lr", "min_lr_ratio", "warmup",
-            "weight_decay", "clip", "seed")
+RUN_KEYS = ("model", "attention", "data", "context", "batch", "train_tokens", "lr", "new_lr", "min_lr_ratio",
+            "warmup", "weight_decay", "clip", "seed")
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
 
@@ -412,17 +412,26 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def make_optimizer(model, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(model, *, lr: float, weight_decay: float, new_lr: float | None = None) -> torch.optim.AdamW:
     """AdamW over the trainable parameters: weight decay on matrices (2 dims or more: the
-    projections, the embeddings), none on vectors (norms, biases) nor on the gate logits."""
+    projections, the embeddings), none on vectors (norms, biases) nor on the gate logits.
+    ``new_lr``: the peak learning rate of the parameters tensorized attention adds (the gate
+    logits; the pretrained weights keep ``lr``). Each group's ``lr_scale`` is its share of
+    the schedule's learning rate."""
     from .hf.attention import GATE_PARAM
 
-    decay, no_decay = [], []
+    decay, no_decay, new = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (decay if param.ndim >= 2 and not name.endswith(GATE_PARAM) else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if name.endswith(GATE_PARAM):
+            (new if new_lr is not None else no_decay).append(param)
+        else:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    if new:
+        groups.append({"params": new, "weight_decay": 0.0, "lr_scale": new_lr / lr})
     return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS)
 
 
@@ -555,6 +564,7 @@ class TrainConfig:
     train_tokens: int
     micro_batch: int = 1
     lr: float = 2e-5
+    new_lr: float | None = None
     min_lr_ratio: float = 0.1
     warmup: float = 0.05
     weight_decay: float = 0.1
@@ -600,6 +610,8 @@ class TrainConfig:
         if self.train_tokens < self.tokens_per_step:
             raise TrainError(f"--train-tokens ({self.train_tokens}) is smaller than one step, --batch x --context = "
                              f"{self.batch} x {self.context} = {self.tokens_per_step} tokens; give at least that")
+        if self.new_lr is not None and not self.new_lr > 0:
+            raise TrainError(f"--new-lr must be > 0 (or left out: the same as --lr), got {self.new_lr}")
         if not self.lr > 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise TrainError(f"--lr must be > 0 and --min-lr-ratio in [0, 1], got {self.lr} and {self.min_lr_ratio}")
         if self.weight_decay < 0 or self.clip < 0:
@@ -687,7 +699,7 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay, new_lr=config.new_lr)
     params = [p for p in model.parameters() if p.requires_grad]
 
     start_step, history = 0, {"train_time_s": 0.0, "wall_time_s": 0.0, "commands": [], "resumed_from": []}
@@ -767,7 +779,7 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
         ids = stream.windows(starts, config.context + 1).to(device)
         lr = lr_at(step, steps=steps, warmup=warmup, peak=config.lr, min_ratio=config.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         for i in range(0, config.batch, config.micro_batch):
@@ -933,6 +945,9 @@ def add_arguments(p) -> None:
     p.add_argument("--train-tokens", type=_count, required=True,
                    help="the token budget: ceil(budget / (batch x context)) steps; e.g. 20M, 1.5B")
     p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
+    p.add_argument("--new-lr", type=float, default=None,
+                   help="peak learning rate of the parameters tensorized attention adds (the gate logits); "
+                        "default: --lr")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to this times --lr")
     p.add_argument("--warmup", type=float, default=0.05,
                    help="linear warmup: steps (>= 1), or a fraction of the steps (< 1)")
@@ -981,7 +996,7 @@ def run(args, command: str) -> int:
         return fail(f"--attention: {err}")
     config = TrainConfig(
         context=args.context, batch=args.batch, train_tokens=args.train_tokens, micro_batch=args.micro_batch,
-        lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
+        lr=args.lr, new_lr=args.new_lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
         clip=args.clip, seed=args.seed, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
         eval_every=args.eval_every, eval_windows=args.eval_windows, peak_tflops=args.peak_tflops,
