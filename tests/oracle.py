@@ -40,9 +40,10 @@ def dense_pass_mask(N: int, shape, dim: int, mode: str, causal: bool, sinks: int
 
 
 def oracle(q, k, v, shape, *, causal=True, mode=None, order=None, gate=None, sinks=0, softmax_scale=None,
-           select=None):
+           select=None, relay=False):
     """q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D] in float64. select: a
-    SelectedPass (its block and topk) run after the fold passes."""
+    SelectedPass (its block and topk) run after the fold passes; relay: each pass mixes the
+    keys as the values, and the next pass scores against them."""
     B, N, H, D = q.shape
     Hkv = k.shape[2]
     mode = mode or ("complete" if causal else "block")
@@ -55,16 +56,20 @@ def oracle(q, k, v, shape, *, causal=True, mode=None, order=None, gate=None, sin
     if gate is not None:
         gate = gate.double().expand(H, len(order) + (select is not None))
     for t, dim in enumerate(order):
+        if relay:
+            scores = scale * q64 @ k64.transpose(-1, -2)
         mask = dense_pass_mask(N, shape, dim, mode, causal, sinks).to(scores.device)
         attn = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        new = attn @ vals
+        new, new_keys = attn @ vals, attn @ k64
         if gate is not None:
             g = gate[:, t].view(1, H, 1, 1)
-            new = g * vals + (1 - g) * new
+            new, new_keys = g * vals + (1 - g) * new, g * k64 + (1 - g) * new_keys
         vals = new
+        if relay:
+            k64 = new_keys
     if select is not None:
         g = None if gate is None else gate[:, len(order)]
-        vals = selected_pass_oracle(q64, k64, vals, select.block, select.topk, sinks, scale, gate=g)
+        vals = content_pass_oracle(select, q64, k64, vals, sinks, scale, gate=g)
     return vals.transpose(1, 2)
 
 
@@ -74,6 +79,45 @@ def _rotate_complex(x, pos, freqs):
     z = torch.complex(x[..., : D // 2], x[..., D // 2:])
     z = z * torch.polar(torch.ones_like(freqs), pos.double()[..., None] * freqs)
     return torch.cat([z.real, z.imag], dim=-1)
+
+
+def content_pass_oracle(step, q64, k64, vals, sinks, scale, *, freqs=None, gate=None):
+    """The selected pass (``step.topk``) or the pooled pass (no ``topk``)."""
+    if getattr(step, "topk", None) is None:
+        return pooled_pass_oracle(q64, k64, vals, step.block, sinks, scale, freqs=freqs, gate=gate)
+    return selected_pass_oracle(q64, k64, vals, step.block, step.topk, sinks, scale, freqs=freqs, gate=gate)
+
+
+def pooled_pass_oracle(q64, k64, vals, block, sinks, scale, *, freqs=None, gate=None):
+    """The pooled pass (PooledPass's docstring), one query at a time: the window at true
+    distances, one summary (mean key, mean value) per earlier whole block, unrotated, and
+    the sinks outside the window at block + S - 1 - s."""
+    B, H, N, D = q64.shape
+    W = block
+    rows = []
+    for b in range(B):
+        for h in range(H):
+            for p in range(N):
+                keys, values = [], []
+                for p2 in range(max(0, p - W + 1), p + 1):
+                    kk = k64[b, h, p2]
+                    keys.append(kk if freqs is None else _rotate_complex(kk, torch.tensor(p2 - p), freqs))
+                    values.append(vals[b, h, p2])
+                for blk in range(p // W):
+                    keys.append(k64[b, h, blk * W:(blk + 1) * W].mean(0))
+                    values.append(vals[b, h, blk * W:(blk + 1) * W].mean(0))
+                for s in range(min(sinks, p + 1)):
+                    if p - s >= W:
+                        kk = k64[b, h, s]
+                        dist = torch.tensor(W + sinks - 1 - s)
+                        keys.append(kk if freqs is None else _rotate_complex(kk, -dist, freqs))
+                        values.append(vals[b, h, s])
+                w = torch.softmax(scale * torch.stack(keys) @ q64[b, h, p], dim=0)
+                row = w @ torch.stack(values)
+                if gate is not None:
+                    row = gate[h] * vals[b, h, p] + (1 - gate[h]) * row
+                rows.append(row)
+    return torch.stack(rows).reshape(B, H, N, D)
 
 
 def selected_pass_oracle(q64, k64, vals, block, topk, sinks, scale, *, freqs=None, gate=None):
@@ -138,7 +182,8 @@ def oracle_in_dtype(q, k, v, shape, **kw):
 
 
 def oracle_with_positions(q, k, v, shape, inv_freq, *, rotated=False, attention_scaling=1.0, causal=True,
-                          mode=None, order=None, gate=None, sinks=0, softmax_scale=None, select=None):
+                          mode=None, order=None, gate=None, sinks=0, softmax_scale=None, select=None,
+                          relay=False):
     """The dense oracle with rotary tensor positions (DESIGN.md §3), rotations done with
     complex numbers: in pass j, position p is rotated at p // s_j; a sink i outside the pass
     mask is scored as an unrotated query against key i rotated at -(n_j + S - 1 - i)."""
@@ -178,12 +223,14 @@ def oracle_with_positions(q, k, v, shape, inv_freq, *, rotated=False, attention_
             as_sink = mask & ~in_pass
             scores[..., : len(dist)] = torch.where(as_sink[:, : len(dist)], sink_scores, scores[..., : len(dist)])
         attn = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        new = attn @ vals
+        new, new_keys = attn @ vals, attn @ k64
         if gate is not None:
             g = gate[:, t].view(1, H, 1, 1)
-            new = g * vals + (1 - g) * new
+            new, new_keys = g * vals + (1 - g) * new, g * k64 + (1 - g) * new_keys
         vals = new
+        if relay:
+            k64 = new_keys
     if select is not None:
         g = None if gate is None else gate[:, len(order)]
-        vals = selected_pass_oracle(q64, k64, vals, select.block, select.topk, sinks, scale, freqs=freqs, gate=g)
+        vals = content_pass_oracle(select, q64, k64, vals, sinks, scale, freqs=freqs, gate=g)
     return vals.transpose(1, 2)

@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AttentionInterface, DynamicCache  # noqa: E402
 
 from tensorized_attention import SelectedPass, TensorPositions, hf, tensorized_attn  # noqa: E402
+from tensorized_attention.passes import PooledPass  # noqa: E402
 
 hf.register()
 
@@ -36,7 +37,12 @@ OPTIONS = [
     hf.window_options(4, sinks=2),
     {"shape": [None, 4], "mode": "complete", "order": [], "sinks": 2, "select": {"block": 4, "topk": 2}},
     {"shape": [None, 4], "mode": "complete", "gate": [0.7, None, 0.5], "sinks": 1, "select": {"block": 4, "topk": 1}},
+    {"shape": [None, 4], "mode": "complete", "sinks": 2, "pool": {"block": 4}, "gate": [0.5, None, 0.3]},
+    {"shape": [None, 3, 2], "mode": "complete", "sinks": 1, "relay": True},
 ]
+
+# cached decoding covers the fold passes (not yet the last passes nor key relay)
+DECODABLE = [o for o in OPTIONS if not any(o.get(x) for x in ("select", "pool", "relay"))]
 
 
 def _manual(options):
@@ -55,14 +61,16 @@ def _manual(options):
         out = tensorized_attn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), (first, *tail),
                               mode=options["mode"], gate=gate, sinks=options.get("sinks", 0),
                               softmax_scale=scaling, positions=positions, order=options.get("order"),
-                              select=SelectedPass(**options["select"]) if options.get("select") else None)
+                              select=SelectedPass(**options["select"]) if options.get("select") else
+                              PooledPass(**options["pool"]) if options.get("pool") else None,
+                              relay=options.get("relay", False))
         return out, None
 
     return attention
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: str(o["shape"]) + o["mode"] + ("+select" * bool(o.get("select"))))
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: str(o["shape"]) + o["mode"] + "".join(f"+{x}" for x in ("select", "pool", "relay") if o.get(x)))
 def test_same_logits_as_calling_the_operator_by_hand(family, options):
     model = _tiny(family)
     ids = torch.randint(0, 97, (2, 29))
@@ -142,7 +150,7 @@ def test_full_attention_layers_and_sequence_fold_match_sdpa():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: str(o["shape"]) + o["mode"])
+@pytest.mark.parametrize("options", DECODABLE, ids=lambda o: str(o["shape"]) + o["mode"])
 @pytest.mark.parametrize("prefill", [12, 13])
 def test_cached_decoding_equals_one_forward(family, options, prefill):
     model = hf.enable(_tiny(family), options)
@@ -223,8 +231,12 @@ def test_bad_options_are_refused():
         hf.enable(model, {"shape": [None, 4], "gate": [0.5, None], "select": {"block": 4, "topk": 1}})
     with pytest.raises(ValueError, match=r"\['select'\] must be None or \{'block': W, 'topk': k\}"):
         hf.enable(model, {"shape": [None, 4], "select": {"block": 4, "topk": 0}})
-    with pytest.raises(ValueError, match="needs a 'select' pass"):
+    with pytest.raises(ValueError, match="needs a 'select' or 'pool' pass"):
         hf.enable(model, {"shape": [None, 4], "order": []})
+    with pytest.raises(ValueError, match="two kinds of last pass"):
+        hf.enable(model, {"shape": [None, 4], "select": {"block": 4, "topk": 1}, "pool": {"block": 4}})
+    with pytest.raises(ValueError, match=r"\['relay'\] must be true or false"):
+        hf.enable(model, {"shape": [None, 4], "relay": True, "pool": {"block": 4}})
 
 
 def test_from_pretrained_with_attn_implementation(tmp_path):
@@ -263,5 +275,5 @@ def test_cached_decoding_with_a_selected_pass_is_refused():
     ids = torch.randint(0, 97, (1, 9))
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
-        with pytest.raises(NotImplementedError, match="cached decoding with a selected pass"):
+        with pytest.raises(NotImplementedError, match="cached decoding with a selected or pooled pass"):
             model.generate(ids, max_new_tokens=2, do_sample=False)

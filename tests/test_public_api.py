@@ -27,7 +27,7 @@ EXPECTED = {
         "tensorized_attn",
     ],
     "tensorized_attention.fold": ["check_shape", "choose_shape", "coordinates", "fold_size", "strides"],
-    "tensorized_attention.passes": ["FoldPass", "SelectedPass", "draw_passes", "pass_mask", "plan_passes"],
+    "tensorized_attention.passes": ["FoldPass", "PooledPass", "SelectedPass", "draw_passes", "pass_mask", "plan_passes"],
     "tensorized_attention.ops": ["available_backends", "tensorized_attn", "tensorized_attn_reference"],
     "tensorized_attention.rope": ["TensorPositions", "pass_positions", "rotate", "sink_distances"],
 }

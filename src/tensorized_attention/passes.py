@@ -14,7 +14,7 @@ import torch
 
 from .fold import coordinates, strides
 
-__all__ = ["FoldPass", "SelectedPass", "plan_passes", "pass_mask", "draw_passes"]
+__all__ = ["FoldPass", "PooledPass", "SelectedPass", "plan_passes", "pass_mask", "draw_passes"]
 
 MODES = ("block", "complete")
 
@@ -82,6 +82,27 @@ class SelectedPass:
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, int) or x < 1:
                 raise ValueError(f"SelectedPass.{name} must be an int >= 1, got {x!r}")
+
+
+@dataclass(frozen=True)
+class PooledPass:
+    """A content-addressed pass that reads summaries (DESIGN.md §8), causal: each query reads
+    its causal window, one summary of every earlier block, and the sinks.
+
+    Blocks as in :class:`SelectedPass`. The query at ``p`` (block ``c = p // block``) reads,
+    in one softmax: its window (``0 <= p - p' < block``); for every block ``b < c`` one
+    summary, whose key is the mean of the block's keys and whose value the mean of the
+    block's input values; and the sinks ``0 .. S-1`` (``<= p``) outside its window. With
+    rotary positions the window keys are seen at their distance, the summaries without
+    rotation (by content alone, as the query at distance 0), sink ``s`` at ``block + S - 1 -
+    s``. Cost per query: ``block + p // block + S`` keys.
+    """
+
+    block: int
+
+    def __post_init__(self):
+        if isinstance(self.block, bool) or not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"PooledPass.block must be an int >= 1, got {self.block!r}")
 
 
 def plan_passes(shape, order, mode: str, causal: bool) -> list[FoldPass]:

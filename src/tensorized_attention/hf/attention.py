@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..fold import strides
 from ..ops.dispatch import tensorized_attn
 from ..ops.reference import tensorized_attn_reference
-from ..passes import SelectedPass
+from ..passes import PooledPass, SelectedPass
 from ..rope import TensorPositions, pass_positions, rotate, sink_distances
 from .options import options_of, resolve_fold
 
@@ -298,14 +298,23 @@ def tensorized_attention_forward(module, query, key, value, attention_mask, drop
     past = kv_len - q_len
     if past == 0:
         return _prefill(module, opts, query, key, value, scale, cache), None
-    if opts["select"] is not None:
-        raise NotImplementedError("tensorized attention: cached decoding with a selected pass is not built yet; "
-                                  "run each step over the whole sequence (use_cache=False)")
+    if last_pass(opts) is not None or opts["relay"]:
+        raise NotImplementedError("tensorized attention: cached decoding with a selected or pooled pass, or with key "
+                                  "relay, is not built yet; run each step over the whole sequence (use_cache=False)")
     if cache is None or decode_state(cache, module.layer_idx) is None:
         raise RuntimeError(
             "tensorized attention: the keys hold past tokens but this layer has no decoding state; decode with "
             "a transformers cache that went through the prefill with attn_implementation='tensorized'")
     return _decode(module, opts, query, key, value, scale, decode_state(cache, module.layer_idx), past), None
+
+
+def last_pass(opts) -> SelectedPass | PooledPass | None:
+    """The content-addressed pass the options ask for after the fold passes, if any."""
+    if opts["select"] is not None:
+        return SelectedPass(**opts["select"])
+    if opts["pool"] is not None:
+        return PooledPass(**opts["pool"])
+    return None
 
 
 def _full_attention(query, key, value, scale):
@@ -339,9 +348,9 @@ def _prefill(module, opts, query, key, value, scale, cache):
     gate = gate_of(module, opts)
     kwargs = dict(causal=True, mode=opts["mode"], order=order, gate=gate, sinks=opts["sinks"], softmax_scale=scale)
     positions = _positions(module, opts, query.device)
-    select = SelectedPass(**opts["select"]) if opts["select"] is not None else None
-    if cache is None or select is not None:  # training or a plain forward: the fastest backend
-        return tensorized_attn(q, k, v, shape, positions=positions, select=select, **kwargs)
+    select = last_pass(opts)
+    if cache is None or select is not None or opts["relay"]:  # training or a plain forward: the fastest backend
+        return tensorized_attn(q, k, v, shape, positions=positions, select=select, relay=opts["relay"], **kwargs)
     out, values = tensorized_attn_reference(q, k, v, shape, positions=positions, return_values=True,
                                             **{**kwargs, "order": tuple(order)})
     values = [x.transpose(1, 2) for x in values]  # [B, H, N, D]

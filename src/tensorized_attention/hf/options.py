@@ -27,6 +27,10 @@ DEFAULTS: dict[str, Any] = {
     # None, or {"block": W, "topk": k}: a selected pass (passes.SelectedPass) after the fold
     # passes; with "order": [] it runs alone (window + selected blocks + sinks)
     "select": None,
+    # None, or {"block": W}: a pooled pass (passes.PooledPass) instead (one summary per block)
+    "pool": None,
+    # key relay: each fold pass mixes the keys as it mixes the values (DESIGN.md §8)
+    "relay": False,
     "full_attention_layers": [],  # layer indices that keep full (SDPA) attention
 }
 
@@ -101,8 +105,19 @@ def options_of(config) -> dict[str, Any]:
                 isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in select.values()):
             raise ValueError("config.tensorized_attention['select'] must be None or {'block': W, 'topk': k} "
                              f"with ints W, k >= 1, got {select!r}")
-    if opts["order"] is not None and len(opts["order"]) == 0 and select is None:
-        raise ValueError("config.tensorized_attention['order'] = [] (no fold pass) needs a 'select' pass")
+    pool = opts["pool"]
+    if pool is not None:
+        if not isinstance(pool, dict) or set(pool) != {"block"} or isinstance(pool["block"], bool) or not isinstance(
+                pool["block"], int) or pool["block"] < 1:
+            raise ValueError(f"config.tensorized_attention['pool'] must be None or {{'block': W}} with an int W >= 1, "
+                             f"got {pool!r}")
+        if select is not None:
+            raise ValueError("config.tensorized_attention: 'select' and 'pool' are two kinds of last pass; give one")
+    if not isinstance(opts["relay"], bool) or (opts["relay"] and (select is not None or pool is not None)):
+        raise ValueError("config.tensorized_attention['relay'] must be true or false, and is not defined with "
+                         f"'select' or 'pool'; got relay={opts['relay']!r}")
+    if opts["order"] is not None and len(opts["order"]) == 0 and select is None and pool is None:
+        raise ValueError("config.tensorized_attention['order'] = [] (no fold pass) needs a 'select' or 'pool' pass")
     m = num_passes(opts)
     gate = opts["gate"]
     if gate is not None:
@@ -118,9 +133,9 @@ def num_dims(opts: dict[str, Any]) -> int:
 
 def num_passes(opts: dict[str, Any]) -> int:
     """The passes one call runs: the fold passes of ``order`` (all dims by default), then
-    the selected pass if any; the gate has one entry per pass."""
+    the selected or pooled pass if any; the gate has one entry per pass."""
     fold = num_dims(opts) if opts["order"] is None else len(opts["order"])
-    return fold + (opts["select"] is not None)
+    return fold + (opts["select"] is not None or opts["pool"] is not None)
 
 
 def resolve_fold(opts: dict[str, Any], length: int, capacity: int = 0) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 
 from ..fold import check_shape, choose_shape, fold_size
-from ..passes import MODES, SelectedPass
+from ..passes import MODES, PooledPass, SelectedPass
 from ..rope import TensorPositions
 from .reference import tensorized_attn_reference
 
@@ -56,7 +56,8 @@ def tensorized_attn(
     sinks: int = 0,
     softmax_scale: float | None = None,
     positions: TensorPositions | None = None,
-    select: SelectedPass | None = None,
+    select: SelectedPass | PooledPass | None = None,
+    relay: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Tensorized attention: attention along each dimension of a fold of the sequence.
@@ -136,13 +137,20 @@ def tensorized_attn(
             positions, pass j rotating position p at ``p // s_j`` and seeing sink i at the
             fixed distance ``n_j + S - 1 - i`` (DESIGN.md §3). The Triton backend takes each
             pass's rotated q and k (a rotated copy per pass: m copies of q and k).
-        select: None, or a :class:`tensorized_attention.passes.SelectedPass` ``(block,
-            topk)``: a content-addressed pass run after the fold passes (causal only): each
-            query reads its window of ``block`` keys, the tokens of the ``topk`` earlier
-            blocks whose mean key scores highest against it, and the sinks; with
-            ``positions`` the selected blocks are seen at virtual places just before the
-            window (see SelectedPass). ``block`` must divide ``prod(shape)`` when fold passes
-            run. Reference backend only (``"auto"`` picks it).
+        select: None, or a content-addressed pass run after the fold passes (causal only):
+            :class:`tensorized_attention.passes.SelectedPass` ``(block, topk)``: each query
+            reads its window of ``block`` keys, the tokens of the ``topk`` earlier blocks whose
+            mean key scores highest against it, and the sinks; with ``positions`` the selected
+            blocks are seen at virtual places just before the window. Or
+            :class:`~tensorized_attention.passes.PooledPass` ``(block)``: the window, one
+            summary (mean key, mean value) of every earlier block, and the sinks. ``block``
+            must divide ``prod(shape)`` when fold passes run. Reference backend only
+            (``"auto"`` picks it).
+        relay: key relay (DESIGN.md §8): each fold pass mixes the keys with the weights it
+            mixes the values with, ``K_t = g K_{t-1} + (1 - g) A_t K_{t-1}`` (``K_0 = k``), and
+            pass t scores q against ``K_{t-1}`` (rotated at its tensor positions), so a relay
+            token's key shows what it carries. Keys then differ per query head. Not with
+            ``select``; reference backend only (``"auto"`` picks it).
         backend: ``"auto"`` (the best available for q's device and dtype: ``"triton"`` on
             CUDA, else ``"reference"``), ``"reference"`` (PyTorch, any device, autograd)
             or ``"triton"`` (fused kernels; float16 / bfloat16 / float32, headdim <= 256).
@@ -176,6 +184,10 @@ def tensorized_attn(
         raise ValueError("mode='complete' is causal only: pass causal=True, or mode='block' for bidirectional")
     order = _check_order(order, m, allow_empty=select is not None)
     _check_select(select, causal, order, shape)
+    if not isinstance(relay, bool):
+        raise TypeError(f"relay must be a bool, got {relay!r}")
+    if relay and select is not None:
+        raise ValueError("relay and select together are not defined: the selected pass ranks the original keys")
     gate = _check_gate(gate, H, len(order) + (select is not None), q.device)
     if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
         raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
@@ -184,13 +196,14 @@ def tensorized_attn(
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     _check_positions(positions, D, q.device)
-    backend = _choose_backend(backend, q, select=select)
+    backend = _choose_backend(backend, q, reference_only=type(select).__name__ if select is not None
+                              else "relay" if relay else None)
     options = dict(causal=causal, mode=mode, order=order, gate=gate, sinks=sinks, softmax_scale=float(softmax_scale))
     if backend == "triton":
         from .triton import tensorized_attn_triton
 
         return tensorized_attn_triton(q, k, v, shape, positions=positions, **options)
-    return tensorized_attn_reference(q, k, v, shape, positions=positions, select=select, **options)
+    return tensorized_attn_reference(q, k, v, shape, positions=positions, select=select, relay=relay, **options)
 
 
 def _check_tensors(q, k, v) -> None:
@@ -236,8 +249,9 @@ def _check_order(order, m: int, allow_empty: bool = False) -> tuple[int, ...]:
 def _check_select(select, causal: bool, order: tuple[int, ...], shape: tuple[int, ...]) -> None:
     if select is None:
         return
-    if not isinstance(select, SelectedPass):
-        raise TypeError(f"select must be None or a SelectedPass(block, topk), got {type(select).__name__}")
+    if not isinstance(select, (SelectedPass, PooledPass)):
+        raise TypeError(f"select must be None, a SelectedPass(block, topk) or a PooledPass(block), "
+                        f"got {type(select).__name__}")
     if not causal:
         raise ValueError("select (a selected pass) is causal only: pass causal=True")
     if order and fold_size(shape) % select.block:
@@ -280,20 +294,21 @@ def _check_positions(positions, headdim: int, device: torch.device) -> None:
         raise ValueError(f"positions.inv_freq must be on q's device {device}, got {inv_freq.device}")
 
 
-def _choose_backend(backend: str, q: torch.Tensor, select=None) -> str:
+def _choose_backend(backend: str, q: torch.Tensor, reference_only: str | None = None) -> str:
+    """The backend to run: ``reference_only`` names an option only the reference has."""
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     names = available_backends(q.device)
     if backend == "auto":
         if names[0] == "triton" and (q.dtype not in TRITON_DTYPES or q.shape[-1] > TRITON_MAX_HEADDIM
-                                     or select is not None):
+                                     or reference_only is not None):
             return "reference"
         return names[0]
     if backend not in names:
         raise ValueError(f"backend {backend!r} is not available on device {q.device}; available: {names}")
     if backend == "triton":
-        if select is not None:
-            raise ValueError("backend 'triton' has no selected pass yet; use backend='reference' (or 'auto')")
+        if reference_only is not None:
+            raise ValueError(f"backend 'triton' has no {reference_only!r} yet; use backend='reference' (or 'auto')")
         if q.dtype not in TRITON_DTYPES:
             raise TypeError(f"backend 'triton' takes dtypes {TRITON_DTYPES}, got {q.dtype}; use backend='reference'")
         if q.shape[-1] > TRITON_MAX_HEADDIM:

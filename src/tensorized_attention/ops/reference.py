@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fold import fold_size, strides
-from ..passes import FoldPass, SelectedPass, plan_passes
+from ..passes import FoldPass, PooledPass, SelectedPass, plan_passes
 from ..rope import TensorPositions, pass_positions, rotate, sink_distances
 
 __all__ = ["tensorized_attn_reference"]
@@ -38,11 +38,13 @@ def tensorized_attn_reference(
     softmax_scale: float,
     positions: TensorPositions | None = None,
     select: SelectedPass | None = None,
+    relay: bool = False,
     return_values: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """q: [B, N, H, D]; k, v: [B, N, H_kv, D]; gate: [H, passes] or None; select: a
-    SelectedPass run after the fold passes (or alone, order=()). Returns [B, N, H, D] (and,
-    with ``return_values``, the outputs of every pass but the last, each [B, N, H, D])."""
+    SelectedPass run after the fold passes (or alone, order=()); relay: each fold pass mixes
+    the keys as it mixes the values. Returns [B, N, H, D] (and, with ``return_values``, the
+    outputs of every pass but the last, each [B, N, H, D])."""
     B, N, H, D = q.shape
     Hkv = k.shape[2]
     G = H // Hkv
@@ -67,17 +69,23 @@ def tensorized_attn_reference(
             qi, ki = (rotate(x, pos, positions.inv_freq, inverse=True) for x in (qi, ki))
     plan = plan_passes(shape, order, mode, causal)
     passes = []
+    keys = ki  # the keys the next pass scores against (mixed by each pass with key relay)
     for t, step in enumerate(plan):
         g = None if gate is None else gate[:, t].reshape(Hkv, G, 1, 1)
-        q_t, k_t, sink_q, sink_k = qi, ki, None, None
+        q_t, k_t, sink_q, sink_k = qi, keys, None, None
         if positions is not None:  # one rotated copy of q and k at a time (DESIGN.md §3)
             tensor_pos = pass_positions(pos, step.stride)
-            q_t, k_t = (rotate(x, tensor_pos, positions.inv_freq, scale=rope_scale) for x in (qi, ki))
+            q_t, k_t = (rotate(x, tensor_pos, positions.inv_freq, scale=rope_scale) for x in (qi, keys))
             if sink_count:
                 sink_q = (qi.to(torch.float32) * rope_scale).to(qi.dtype)  # rotated at 0
                 dist = sink_distances(nominal[step.dim], sinks)[:sink_count].to(q.device)
-                sink_k = rotate(ki[..., :sink_count, :], -dist, positions.inv_freq, scale=rope_scale)
-        values = _fold_pass(step, q_t, k_t, values, g, shape, N, sink_count, pos, softmax_scale, sink_q, sink_k)
+                sink_k = rotate(keys[..., :sink_count, :], -dist, positions.inv_freq, scale=rope_scale)
+        if relay:  # the pass mixes the keys with the weights it mixes the values with
+            mixed = _fold_pass(step, q_t, k_t, torch.cat([values, keys], dim=-1), g, shape, N, sink_count, pos,
+                               softmax_scale, sink_q, sink_k)
+            values, keys = mixed.split(D, dim=-1)
+        else:
+            values = _fold_pass(step, q_t, k_t, values, g, shape, N, sink_count, pos, softmax_scale, sink_q, sink_k)
         passes.append(values)
     if select is not None:
         g = None if gate is None else gate[:, len(plan)].reshape(Hkv, G, 1, 1)
@@ -85,7 +93,7 @@ def tensorized_attn_reference(
         if positions is not None:  # content q and k, the keys rotated at minus their distance
             q_c = (q_c.to(torch.float32) * rope_scale).to(qi.dtype)
             inv_freq = positions.inv_freq
-        values = _selected_pass(select, q_c, ki[..., :N, :], values[..., :N, :], g, sink_count, sinks,
+        values = _content_pass(select, q_c, ki[..., :N, :], values[..., :N, :], g, sink_count, sinks,
                                 softmax_scale, inv_freq, None if positions is None else rope_scale)
         passes.append(values)
     out = _to_output(values, N)
@@ -115,9 +123,9 @@ def _unfibers(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fold_pass(step, q, k, values, gate, shape, seqlen, sink_count, positions, scale, sink_q=None, sink_k=None):
-    """One FoldPass. q: [B, Hkv, G, P, D]; k: [B, Hkv, 1, P, D]; values: [B, Hkv, 1 or G, P, D].
-    The sinks are scored with ``sink_q`` and ``sink_k [B, Hkv, 1, S, D]`` when given (tensor
-    positions), else with q and the first keys of k."""
+    """One FoldPass. q: [B, Hkv, G, P, D]; k: [B, Hkv, 1 or G, P, D]; values: [B, Hkv, 1 or
+    G, P, D]. The sinks are scored with ``sink_q`` and ``sink_k [B, Hkv, 1 or G, S, D]`` when
+    given (tensor positions), else with q and the first keys of k."""
     n, s = step.size, step.stride
     qf, kf, vf = _fibers(q, step), _fibers(k, step), _fibers(values, step)
     pos = _fibers(positions[:, None], step)[..., 0]  # [C, s, n]: position of each fiber slot
@@ -144,13 +152,19 @@ def _fold_pass(step, q, k, values, gate, shape, seqlen, sink_count, positions, s
         allowed = allowed & (real_key | padded_query)  # [C, s, n, n]
 
     # scores [B, Hkv, G, C, s, n, keys], computed in the input dtype, softmax in float32
-    scores = torch.einsum("bhgcsid,bhcsjd->bhgcsij", qf, kf[:, :, 0]) * scale
+    if kf.shape[2] == 1:  # keys shared by the G query heads of a kv head
+        scores = torch.einsum("bhgcsid,bhcsjd->bhgcsij", qf, kf[:, :, 0]) * scale
+    else:  # keys of each query head (relayed keys)
+        scores = torch.einsum("bhgcsid,bhgcsjd->bhgcsij", qf, kf) * scale
     acc = torch.promote_types(scores.dtype, torch.float32)
     scores = scores.to(acc).masked_fill(~allowed, float("-inf"))
     if sink_count:
         sq = qf if sink_q is None else _fibers(sink_q, step)
-        sk = k[:, :, 0, :sink_count] if sink_k is None else sink_k[:, :, 0]
-        sink_scores = torch.einsum("bhgcsid,bhjd->bhgcsij", sq, sk) * scale
+        sk = k[..., :sink_count, :] if sink_k is None else sink_k  # [B, Hkv, 1 or G, S, D]
+        if sk.shape[2] == 1:
+            sink_scores = torch.einsum("bhgcsid,bhjd->bhgcsij", sq, sk[:, :, 0]) * scale
+        else:
+            sink_scores = torch.einsum("bhgcsid,bhgjd->bhgcsij", sq, sk) * scale
         p = pos[..., None]  # [C, s, n, 1]
         sink = positions[:sink_count]
         sink_allowed = ~step.reads(p, sink, shape)
@@ -221,75 +235,92 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, blo
         return torch.sort(chosen, dim=-1).values, count
 
 
-def _selected_pass(step, q, k, values, gate, sink_count, sinks, scale, inv_freq=None, rope_scale=None):
-    """One SelectedPass over the first N positions. q: [B, Hkv, G, N, D] (content: unrotated);
-    k: [B, Hkv, 1, N, D]; values: [B, Hkv, 1 or G, N, D]; inv_freq: rotary frequencies (keys
-    rotated at minus their distance, the query at 0) or None. Returns [B, Hkv, G, N, D]."""
+def _content_pass(step, q, k, values, gate, sink_count, sinks, scale, inv_freq=None, rope_scale=None):
+    """One SelectedPass or PooledPass over the first N positions. q: [B, Hkv, G, N, D]
+    (content: unrotated); k: [B, Hkv, 1, N, D]; values: [B, Hkv, 1 or G, N, D]; inv_freq:
+    rotary frequencies (each key rotated at minus its distance and scaled by rope_scale, the
+    query at 0) or None. Returns [B, Hkv, G, N, D].
+
+    Each query reads, in one softmax: its window, the pass's own keys (the tokens of its
+    selected blocks; or one summary per earlier block), and the sinks in neither."""
     B, Hkv, G, N, D = q.shape
     W, device = step.block, q.device
     acc = torch.promote_types(q.dtype, torch.float32)
-    keys_per_query = W * (1 + min(step.topk, N // W)) + sink_count
-    chunk = max(1, SELECT_CHUNK_ELEMENTS // (B * Hkv * G * keys_per_query * D))
-    values_g = values.expand(B, Hkv, G, N, D)
+    n_blocks = N // W
+    pooled = isinstance(step, PooledPass)
+    extra = n_blocks if pooled else W * min(step.topk, n_blocks)
+    chunk = max(1, SELECT_CHUNK_ELEMENTS // (B * Hkv * G * (W + extra + sink_count) * D))
     window_offsets = torch.arange(W, device=device)
     sink_pos = torch.arange(sink_count, device=device)
+    if pooled:  # one summary per whole block: the mean key and the mean value
+        k_sum = k[..., : n_blocks * W, :].reshape(B, Hkv, 1, n_blocks, W, D).mean(-2)
+        v_sum = values[..., : n_blocks * W, :].reshape(B, Hkv, values.shape[2], n_blocks, W, D).mean(-2)
     outputs = []
     for start in range(0, N, chunk):
         p = torch.arange(start, min(start + chunk, N), device=device)  # [Q]
+        Q = len(p)
         qc = q[..., p, :]
-        # window: key p - j at distance j
+        own = torch.div(p, W, rounding_mode="floor")
+        # the window: key p - j at distance j
         win_pos = p[:, None] - window_offsets[None, :]  # [Q, W]
         win_ok = win_pos >= 0
         win_pos = win_pos.clamp(min=0)
-        k_win, v_win = k[..., win_pos, :], values[..., win_pos, :]  # [B, Hkv, 1|Gv, Q, W, D]
-        # selected blocks, placed just before the window in their order
-        blocks, count = select_blocks(qc, k, p, W, step.topk, scale)  # [B, Hkv, G, Q, R], [Q]
-        R = blocks.shape[-1]
-        sel_pos = blocks[..., None] * W + window_offsets  # [B, Hkv, G, Q, R, W]
-        slot = torch.arange(R, device=device)[:, None]
-        sel_ok = (slot < count[:, None, None]) & (p[:, None, None] - sel_pos >= W)
-        sel_dist = ((count[:, None, None] - slot + 1) * W - 1 - window_offsets).expand_as(sel_pos)
-        sel_pos = torch.where(slot < count[:, None, None], sel_pos, 0).reshape(B, Hkv, G, -1)
-        index = sel_pos[..., None].expand(-1, -1, -1, -1, D)
-        k_sel = torch.gather(k.expand(B, Hkv, G, N, D), 3, index)  # [B, Hkv, G, Q * R * W, D]
-        v_sel = torch.gather(values_g, 3, index)
-        shape_sel = (B, Hkv, G, len(p), R * W, D)
-        k_sel, v_sel = k_sel.reshape(shape_sel), v_sel.reshape(shape_sel)
-        sel_ok, sel_dist = sel_ok.reshape(B, Hkv, G, len(p), R * W), sel_dist.reshape(B, Hkv, G, len(p), R * W)
-        # sinks in neither the window nor a selected block
+        k_win, v_win = k[..., win_pos, :], values[..., win_pos, :]  # [B, Hkv, 1 | Gv, Q, W, D]
+        if pooled:  # every earlier whole block, position-free (content alone)
+            k_x = k_sum[:, :, :, None].expand(B, Hkv, 1, Q, n_blocks, D)
+            v_x = v_sum[:, :, :, None].expand(-1, -1, -1, Q, -1, -1)
+            x_ok = torch.arange(n_blocks, device=device)[None, :] < own[:, None]  # [Q, n_blocks]
+            x_dist, count, blocks = None, None, None
+            sink_base = torch.full((Q,), W, device=device)
+        else:  # the selected blocks, placed just before the window in their order
+            blocks, count = select_blocks(qc, k, p, W, step.topk, scale)  # [B, Hkv, G, Q, R], [Q]
+            R = blocks.shape[-1]
+            slot = torch.arange(R, device=device)[:, None]
+            chosen = slot < count[:, None, None]  # [Q, R, 1]
+            x_pos = blocks[..., None] * W + window_offsets  # [B, Hkv, G, Q, R, W]
+            x_ok = (chosen & (p[:, None, None] - x_pos >= W)).reshape(B, Hkv, G, Q, R * W)
+            x_dist = ((count[:, None, None] - slot + 1) * W - 1 - window_offsets).expand_as(x_pos)
+            x_dist = x_dist.reshape(B, Hkv, G, Q, R * W)
+            index = torch.where(chosen, x_pos, 0).reshape(B, Hkv, G, Q * R * W, 1).expand(-1, -1, -1, -1, D)
+            k_x = torch.gather(k.expand(B, Hkv, G, N, D), 3, index).reshape(B, Hkv, G, Q, R * W, D)
+            v_x = torch.gather(values.expand(B, Hkv, G, N, D), 3, index).reshape(B, Hkv, G, Q, R * W, D)
+            sink_base = (count + 1) * W
+        # the sinks in neither the window nor a selected block, just before the pass's other keys
         sink_ok = (sink_pos[None, :] <= p[:, None]) & (p[:, None] - sink_pos[None, :] >= W)  # [Q, S]
-        in_selected = (blocks[..., None, :] == torch.div(sink_pos, W, rounding_mode="floor")[:, None]).any(-1)
-        sink_ok = sink_ok & ~in_selected  # [B, Hkv, G, Q, S]
-        sink_dist = (count[:, None] + 1) * W + sinks - 1 - sink_pos[None, :]  # [Q, S]
-        k_sink = k[..., :sink_count, :]
+        if blocks is not None:
+            sink_block = torch.div(sink_pos, W, rounding_mode="floor")
+            sink_ok = sink_ok & ~(blocks[..., None, :] == sink_block[:, None]).any(-1)  # [B, Hkv, G, Q, S]
+        sink_dist = sink_base[:, None] + sinks - 1 - sink_pos[None, :]  # [Q, S]
+        k_sink = k[..., :sink_count, :][..., None, :, :]  # [B, Hkv, 1, 1, S, D]
         if inv_freq is not None:
             k_win = rotate(k_win, -window_offsets, inv_freq, scale=rope_scale)
-            k_sel = rotate(k_sel, -sel_dist, inv_freq, scale=rope_scale)
-            k_sink = rotate(k_sink[..., None, :, :], -sink_dist, inv_freq, scale=rope_scale)  # [B, Hkv, 1, Q, S, D]
-        else:
-            k_sink = k_sink[..., None, :, :].expand(B, Hkv, 1, len(p), sink_count, D)
-        s_win = torch.einsum("bhgqd,bhqjd->bhgqj", qc, k_win[:, :, 0]) * scale
-        s_sel = torch.einsum("bhgqd,bhgqjd->bhgqj", qc, k_sel) * scale
-        s_sink = torch.einsum("bhgqd,bhqjd->bhgqj", qc, k_sink[:, :, 0]) * scale
-        scores = torch.cat([s_win.to(acc).masked_fill(~win_ok, float("-inf")),
-                            s_sel.to(acc).masked_fill(~sel_ok, float("-inf")),
-                            s_sink.to(acc).masked_fill(~sink_ok, float("-inf"))], dim=-1)
+            k_sink = rotate(k_sink, -sink_dist, inv_freq, scale=rope_scale)
+            k_x = (k_x * rope_scale).to(k.dtype) if pooled else rotate(k_x, -x_dist, inv_freq, scale=rope_scale)
+        k_sink = k_sink.expand(B, Hkv, 1, Q, sink_count, D)
+        parts = [(k_win, v_win, win_ok), (k_x, v_x, x_ok), (k_sink, values[..., :sink_count, :][..., None, :, :]
+                                                            .expand(-1, -1, -1, Q, -1, -1), sink_ok)]
+        scores = torch.cat([_scores(qc, kx, scale).to(acc).masked_fill(~ok, float("-inf")) for kx, _, ok in parts],
+                           dim=-1)
         weights = torch.softmax(scores, dim=-1).to(values.dtype)
-        w_win, w_sel, w_sink = weights.split([W, R * W, sink_count], dim=-1)
-        if v_win.shape[2] == 1:
-            out = torch.einsum("bhgqj,bhqjd->bhgqd", w_win, v_win[:, :, 0])
-        else:
-            out = torch.einsum("bhgqj,bhgqjd->bhgqd", w_win, v_win)
-        out = out + torch.einsum("bhgqj,bhgqjd->bhgqd", w_sel, v_sel)
-        if sink_count:
-            v_sink = values[..., :sink_count, :]
-            if v_sink.shape[2] == 1:
-                out = out + torch.einsum("bhgqj,bhjd->bhgqd", w_sink, v_sink[:, :, 0])
-            else:
-                out = out + torch.einsum("bhgqj,bhgjd->bhgqd", w_sink, v_sink)
+        sizes = [kx.shape[-2] for kx, _, _ in parts]
+        out = sum(_weighted(w, vx) for w, (_, vx, _) in zip(weights.split(sizes, dim=-1), parts, strict=True))
         outputs.append(out)
     out = torch.cat(outputs, dim=-2)
     if gate is not None:
         g = gate.to(acc)
         out = (g * values.to(acc) + (1 - g) * out.to(acc)).to(values.dtype)
     return out
+
+
+def _scores(q, keys, scale):
+    """q [B, Hkv, G, Q, D] against per-query keys [B, Hkv, 1 or G, Q, K, D]: [B, Hkv, G, Q, K]."""
+    if keys.shape[2] == 1:
+        return torch.einsum("bhgqd,bhqkd->bhgqk", q, keys[:, :, 0]) * scale
+    return torch.einsum("bhgqd,bhgqkd->bhgqk", q, keys) * scale
+
+
+def _weighted(weights, vals):
+    """weights [B, Hkv, G, Q, K] times per-query values [B, Hkv, 1 or G, Q, K, D]."""
+    if vals.shape[2] == 1:
+        return torch.einsum("bhgqk,bhqkd->bhgqd", weights, vals[:, :, 0])
+    return torch.einsum("bhgqk,bhgqkd->bhgqd", weights, vals)

@@ -1,4 +1,5 @@
-"""The selected pass (passes.SelectedPass, DESIGN.md §8) against its dense float64 oracle.
+"""The content-addressed options of DESIGN.md §8 against their dense float64 oracles: the
+selected pass (passes.SelectedPass), the pooled pass (passes.PooledPass) and key relay.
 
 Forward and gradients in float64 (the ranking is discrete: the oracle ranks the blocks
 itself, one query at a time, from the spec), float32 and bfloat16 within a tolerance of
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from oracle import oracle, oracle_with_positions
 from tensorized_attention import TensorPositions, tensorized_attn
 from tensorized_attention.ops import reference
-from tensorized_attention.passes import SelectedPass
+from tensorized_attention.passes import PooledPass, SelectedPass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +35,11 @@ class Case:
     kv_heads: int = 2
     headdim: int = 8
     positions: str | None = None  # None, "raw" (scaled 1.25) or "rotated" (as a Hugging Face layer gives them)
+    pooled: bool = False  # a PooledPass(block) instead of SelectedPass(block, topk)
 
     def __str__(self):
-        return (f"{self.shape}-N{self.seqlen}-W{self.block}k{self.topk}-{'fold' if self.fold_passes else 'alone'}"
+        kind = f"pool{self.block}" if self.pooled else f"W{self.block}k{self.topk}"
+        return (f"{self.shape}-N{self.seqlen}-{kind}-{'fold' if self.fold_passes else 'alone'}"
                 f"-S{self.sinks}{'-gate' if self.gate else ''}-H{self.heads}/{self.kv_heads}-{self.positions}")
 
 
@@ -50,6 +53,10 @@ CASES = [
     Case((10, 4), 39, 4, 3, fold_passes=False, sinks=2, positions="rotated"),
     Case((6, 6), 36, 12, 1, heads=4, kv_heads=1, positions="rotated"),
     Case((4, 4), 3, 4, 2, fold_passes=False, sinks=1),  # shorter than one block: window and sinks only
+    Case((10, 4), 37, 4, 0, pooled=True),
+    Case((10, 4), 37, 4, 0, sinks=3, gate=True, heads=3, kv_heads=1, pooled=True),
+    Case((7, 5), 33, 5, 0, fold_passes=False, sinks=6, positions="raw", pooled=True),
+    Case((6, 6), 36, 6, 0, fold_passes=False, sinks=2, gate=True, positions="rotated", pooled=True),
 ]
 
 
@@ -78,7 +85,7 @@ def make_inputs(case: Case, dtype=torch.float64, requires_grad=False, seed=0):
     if gate is not None:
         gate.requires_grad_(requires_grad)
     kwargs = dict(order=None if case.fold_passes else (), sinks=case.sinks, gate=gate,
-                  select=SelectedPass(case.block, case.topk))
+                  select=PooledPass(case.block) if case.pooled else SelectedPass(case.block, case.topk))
     return q, k, v, kwargs, positions
 
 
@@ -110,7 +117,7 @@ def test_forward_and_gradients_match_oracle(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6], CASES[10], CASES[12]], ids=str)
 def test_training_dtypes_close_to_oracle(case, dtype):
     """float32 and bfloat16 (the dtypes models train in): forward and gradients within a
     few units of the dtype's rounding of the float64 oracle on the same rounded inputs."""
@@ -170,6 +177,7 @@ def test_far_block_that_matches_the_query_is_read():
         (lambda: SelectedPass(4, 0), "topk must be an int >= 1"),
         (lambda: SelectedPass(4.0, 2), "block must be an int >= 1"),
         (lambda: SelectedPass(4, True), "topk must be an int >= 1"),
+        (lambda: PooledPass(0), "PooledPass.block must be an int >= 1"),
     ],
 )
 def test_bad_parameters_raise(make, message):
@@ -180,7 +188,7 @@ def test_bad_parameters_raise(make, message):
 def test_bad_uses_raise():
     q, k, v = torch.randn(3, 1, 40, 2, 8).unbind(0)
     sel = SelectedPass(4, 2)
-    with pytest.raises(TypeError, match="select must be None or a SelectedPass"):
+    with pytest.raises(TypeError, match="select must be None, a SelectedPass"):
         tensorized_attn(q, k, v, (10, 4), select=(4, 2))
     with pytest.raises(ValueError, match="causal only"):
         tensorized_attn(q, k, v, (10, 4), causal=False, select=sel)
@@ -192,3 +200,43 @@ def test_bad_uses_raise():
         tensorized_attn(q, k, v, (10, 4), order=())  # no pass at all
     # alone, the block need not divide the fold
     assert tensorized_attn(q, k, v, (10, 4), order=(), select=SelectedPass(3, 2)).shape == q.shape
+
+
+# ------------------------------------------------------------------------------ key relay
+
+RELAY_CASES = [
+    ((10, 4), 37, "complete", True, 0, False, 4, 2, None),
+    ((10, 4), 37, "complete", True, 3, True, 4, 1, "raw"),
+    ((3, 4, 4), 45, "block", False, 2, True, 2, 2, None),
+    ((3, 4, 4), 47, "complete", True, 0, False, 3, 1, "rotated"),
+]
+
+
+@pytest.mark.parametrize("case", RELAY_CASES, ids=str)
+def test_key_relay_matches_oracle(case):
+    """Key relay: each pass mixes the keys with the weights it mixes the values with, and the
+    next pass scores against them; forward and gradients against the oracle."""
+    shape, N, mode, causal, sinks, gated, H, Hkv, positions_kind = case
+    base = Case(shape, N, 4, 1, heads=H, kv_heads=Hkv, positions=positions_kind)
+    q, k, v, _, positions = make_inputs(base, requires_grad=True)
+    gate = torch.rand(H, len(shape), dtype=torch.float64, requires_grad=True) if gated else None
+    kwargs = dict(mode=mode, causal=causal, sinks=sinks, gate=gate, relay=True)
+    leaves = [q, k, v] + ([gate] if gated else [])
+    out = tensorized_attn(q, k, v, shape, positions=positions, **kwargs)
+    want = expected(base, q, k, v, kwargs, positions)
+    tol = _tolerance(base)
+    torch.testing.assert_close(out, want, rtol=0, atol=tol)
+    plain = tensorized_attn(q, k, v, shape, positions=positions, **{**kwargs, "relay": False})
+    assert (out - plain).abs().max() > 0.1  # relay changes what the later passes see
+    upstream = torch.randn_like(out)
+    for name, got, ref in zip("qkvg", torch.autograd.grad(out, leaves, upstream),
+                              torch.autograd.grad(want, leaves, upstream), strict=False):
+        torch.testing.assert_close(got, ref, rtol=0, atol=tol * 10, msg=lambda m, name=name: f"d/d{name}: {m}")
+
+
+def test_key_relay_bad_uses_raise():
+    q, k, v = torch.randn(3, 1, 40, 2, 8).unbind(0)
+    with pytest.raises(TypeError, match="relay must be a bool"):
+        tensorized_attn(q, k, v, (10, 4), relay=1)
+    with pytest.raises(ValueError, match="relay and select together"):
+        tensorized_attn(q, k, v, (10, 4), relay=True, select=SelectedPass(4, 1))
