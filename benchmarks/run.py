@@ -26,6 +26,12 @@ FWD_VARIANTS = [
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    # more warps per tile (fewer registers per thread, more programs per SM), deeper pipelines
+    dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
+    dict(BLOCK_M=256, BLOCK_N=32, num_warps=8, num_stages=2),
     # the launch order (launch.RESIDUE_MAJOR, the default) against the order it replaced
     dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, RESIDUE_MAJOR=False),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, RESIDUE_MAJOR=False),
