@@ -186,8 +186,11 @@ def _targets(results) -> list[str]:
         pk = p["passkey"]["accuracy"], w["passkey"]["accuracy"]
         worse = [n for n in lengths if (_ppl(results, "pilot", n) or 0) > (_ppl(results, "window", n) or float("inf"))]
         row("`pilot` better than `window` on passkey", f"{pk[0]:.0%} vs {pk[1]:.0%}", pk[0] > pk[1])
+        pairs = ", ".join(f"{_label(n)}: {_ppl(results, 'pilot', n):.2f} vs {_ppl(results, 'window', n):.2f}"
+                          for n in lengths if _ppl(results, "pilot", n) and _ppl(results, "window", n))
         row("`pilot` no worse than `window` on perplexity",
-            "worse at " + ", ".join(_label(n) for n in worse) if worse else "no worse at any length", not worse)
+            (f"worse at {', '.join(_label(n) for n in worse)} ({pairs})" if worse else f"no worse ({pairs})"),
+            not worse)
     else:
         row("`pilot` better than `window` on passkey, no worse on perplexity", "not run yet", None)
     return ["## Targets", "", "| target | measured | |", "|---|---|---|", *rows]
