@@ -32,7 +32,7 @@ from tiny_model import LINES, TEXT  # noqa: E402
 TENSORIZED = 'tensorized:{"shape": [null, 8], "gate": [0.88, null], "sinks": 2}'
 GATE = "model.layers.0.self_attn.tensorized_gate_logit"
 LOG_FIELDS = {"kind", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gib",
-              "step_s", "elapsed_s"}
+              "step_s", "elapsed_s", "gate"}
 EVAL_FIELDS = {"kind", "step", "tokens", "eval_loss", "eval_windows", "eval_tokens", "seconds"}
 SUMMARY_FIELDS = {"finished", "stopped_by", "model", "model_type", "attention", "setup", "options_resolved", "fold",
                   "max_position_embeddings", "data", "eval_data", "hyperparameters", "train_tokens", "steps",
@@ -181,6 +181,11 @@ def test_tensorized_gates_train_and_are_saved(checkpoint, tokens, tmp_path):
     assert (saved[:, 0] - init).abs().min() > 1e-3  # the coarse pass's gate learned, per head
     assert torch.equal(saved[:, 1], torch.zeros(4))  # the contiguous pass has none: no gradient, no decay
     assert torch.equal(load_file(out / "checkpoint-6" / "model.safetensors")[GATE], saved)
+    logged = [r["gate"] for r in _log(out) if r["kind"] == "train"]  # the mean over layers and heads
+    every_layer = torch.stack([x for name, x in load_file(out / "final" / "model.safetensors").items()
+                               if name.endswith("tensorized_gate_logit")])
+    assert logged[-1][1] is None
+    assert logged[-1][0] == pytest.approx(torch.sigmoid(every_layer[..., 0]).mean().item(), abs=1e-4)
     # both loaders give the trained gates back
     model = hf.from_pretrained(out / "final")
     assert torch.equal(dict(model.named_parameters())[GATE].detach(), saved)

@@ -680,6 +680,8 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
     summary (also written to ``out_dir/train_summary.json``). Raises :class:`TrainError`
     for a run that cannot start, :class:`FloatingPointError` for a loss that is not finite.
     """
+    from .hf.attention import mean_gates
+
     config.check()
     run = dict(run or {})
     invocation_start = time.perf_counter()
@@ -818,7 +820,7 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
                  "tokens_per_s": round(tps, 2),
                  "mfu": flops["flops_per_token"] * tps / (peak_tflops * 1e12) if peak_tflops else None,
                  "peak_memory_gib": peak_memory_gib(), "step_s": round(interval["seconds"] / n, 4),
-                 "elapsed_s": round(time.perf_counter() - invocation_start, 2)})
+                 "elapsed_s": round(time.perf_counter() - invocation_start, 2), "gate": mean_gates(model)})
             interval = {"losses": [], "seconds": 0.0}
         if eval_stream is not None and config.eval_every and (step % config.eval_every == 0 or step == steps):
             run_eval(step)

@@ -30,8 +30,8 @@ from ..passes import PooledPass, SelectedPass
 from ..rope import TensorPositions, pass_positions, rotate, sink_distances
 from .options import options_of, resolve_fold
 
-__all__ = ["register", "enable", "from_pretrained", "restore_gates", "gate_of", "tensorized_attention_forward", "tensorized_mask",
-           "decode_state"]
+__all__ = ["register", "enable", "from_pretrained", "restore_gates", "gate_of", "mean_gates",
+           "tensorized_attention_forward", "tensorized_mask", "decode_state"]
 
 NAME = "tensorized"
 GATE_PARAM = "tensorized_gate_logit"
@@ -231,6 +231,21 @@ def gate_of(module, opts) -> torch.Tensor | None:
     fixed = torch.tensor([g is not None and float(g) == 1.0 for g in opts["gate"]], device=logit.device)
     gate = torch.where(active, torch.sigmoid(logit.float()), torch.zeros((), device=logit.device))
     return torch.where(fixed, torch.ones((), device=logit.device), gate)
+
+
+def mean_gates(model) -> list[float | None] | None:
+    """The gate of each pass averaged over the layers and heads that have one (None for a
+    pass configured without a gate); None when the model has no gate. For logs."""
+    gates = []
+    for module in model.modules():
+        if getattr(module, GATE_PARAM, None) is not None:
+            opts = options_of(module.config)
+            gates.append(gate_of(module, opts).detach().float().mean(0))
+            configured = opts["gate"]
+    if not gates:
+        return None
+    mean = torch.stack(gates).mean(0).tolist()
+    return [round(g, 4) if c is not None else None for g, c in zip(mean, configured, strict=True)]
 
 
 # ------------------------------------------------------------------------------- the mask
