@@ -1,6 +1,7 @@
 """Tables (Markdown) and a plot from the GPU suite's JSON results.
 
-    python benchmarks/report.py benchmarks/results/h100_suite_*.json --plot docs/bench_h100.png
+    python benchmarks/report.py benchmarks/results/h100_suite_4k_128k.json benchmarks/results/h100_suite_131k.json \
+        benchmarks/results/h100_flex_131k.json benchmarks/results/h100_suite_512k_1m.json --plot docs/bench_h100.png
 
 Prints the Markdown that docs/benchmarks.md holds.
 """
@@ -11,14 +12,22 @@ import argparse
 import json
 
 
+def _case(row):
+    return (row["method"], row["seqlen"], row["kv_heads"], row["backward"], tuple(row["shape"]), row["mode"])
+
+
 def load(paths):
-    rows, meta = [], None
+    """The rows of every file; a case measured again in a later file (same method, length,
+    kv heads, direction, fold and mode) keeps the later row only."""
+    rows, meta = {}, None
     for path in paths:
         with open(path) as f:
             data = json.load(f)
         meta = meta or data
-        rows += data["rows"]
-    return rows, meta
+        for row in data["rows"]:
+            rows.pop(_case(row), None)
+            rows[_case(row)] = row
+    return list(rows.values()), meta
 
 
 def _fold(row):

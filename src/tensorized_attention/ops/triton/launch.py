@@ -50,9 +50,11 @@ TILES = {
 }
 
 
-# Launch order of the programs of a pass: the tiles of one residue one after another (they
-# share the keys and values of their fibers, which then come from the L2 cache), rather
-# than the residues of one tile index (kernels._tile_and_residue).
+# Launch order of the programs of a strided pass: the tiles of one residue one after
+# another (they share the keys and values of their fibers, which then come from the L2
+# cache), rather than the residues of one tile index (kernels._tile_and_residue). The
+# contiguous pass has one residue, so both orders launch the same programs; its forward
+# keeps the tile-major code, measured faster (2.57-2.63 ms against 2.82 ms at 131k, two runs).
 RESIDUE_MAJOR = True
 
 
@@ -67,7 +69,7 @@ def block_config(n: int, head_dim: int, kernel: str = "fwd") -> dict:
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=4, num_stages=1, RESIDUE_MAJOR=RESIDUE_MAJOR)
     bm, bn, warps, stages = TILES[kernel][0 if block_d <= 128 else 1]
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
-               RESIDUE_MAJOR=RESIDUE_MAJOR)
+               RESIDUE_MAJOR=RESIDUE_MAJOR and kernel != "fwd_contiguous")
     cfg.update(CONFIG_OVERRIDES[kernel])
     cfg["BLOCK_M"] = min(cfg["BLOCK_M"], small)
     cfg["BLOCK_N"] = min(cfg["BLOCK_N"], small)
