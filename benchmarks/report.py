@@ -1,7 +1,8 @@
 """Tables (Markdown) and a plot from the GPU suite's JSON results.
 
     python benchmarks/report.py benchmarks/results/h100_suite_4k_128k.json benchmarks/results/h100_suite_131k.json \
-        benchmarks/results/h100_flex_131k.json benchmarks/results/h100_suite_512k_1m.json --plot docs/bench_h100.png
+        benchmarks/results/h100_suite_131k_32kv.json benchmarks/results/h100_flex_131k.json \
+        benchmarks/results/h100_suite_512k_1m.json --plot docs/bench_h100.png
 
 Prints the Markdown that docs/benchmarks.md holds.
 """
