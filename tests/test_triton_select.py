@@ -1,0 +1,106 @@
+"""The Triton forward of the selected pass (ops/triton/select.py) against the reference
+backend and the dense float64 oracle. Without a GPU it runs under Triton's interpreter
+(small sizes, float32 / float16); on a GPU, real sizes and bfloat16 too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from oracle import oracle, oracle_with_positions  # noqa: E402
+from tensorized_attention import SelectedPass, TensorPositions, tensorized_attn  # noqa: E402
+from tensorized_attention.ops.triton.select import selected_pass_forward, tile_unions  # noqa: E402
+from tensorized_attention.rope import rotate  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+# (seqlen, block, topk, heads, kv_heads, headdim, sinks, positions, values per query head)
+CASES = [
+    (100, 16, 2, 2, 1, 32, 0, None, False),
+    (77, 16, 1, 4, 2, 32, 3, None, True),
+    (90, 32, 3, 2, 2, 32, 4, "raw", False),
+    (70, 16, 2, 3, 1, 32, 2, "rotated", True),
+    (10, 16, 2, 2, 1, 32, 2, "raw", False),  # shorter than one block
+]
+if CUDA:
+    CASES += [(4096, 256, 2, 9, 3, 64, 4, "rotated", False), (3001, 128, 4, 8, 2, 128, 4, "raw", True)]
+
+
+def _inputs(case, dtype):
+    N, W, topk, H, Hkv, D, sinks, kind, per_head = case
+    g = torch.Generator().manual_seed(N + W)
+    q = torch.randn(1, N, H, D, generator=g)
+    k = torch.randn(1, N, Hkv, D, generator=g)
+    # keys with a shared direction per block make the ranking decisive (no near ties)
+    k = k + 2 * torch.randn(1, N // W + 1, Hkv, D, generator=g).repeat_interleave(W, 1)[:, :N]
+    values = torch.randn(1, N, H if per_head else Hkv, D, generator=g)
+    inv = 1.0 / (1000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    positions = None
+    if kind == "raw":
+        positions = TensorPositions(inv, attention_scaling=1.1)
+    elif kind == "rotated":
+        pos = torch.arange(N)
+        q, k = (rotate(x.transpose(1, 2), pos, inv).transpose(1, 2) for x in (q, k))
+        positions = TensorPositions(inv, rotated=True)
+    if positions is not None:
+        positions = TensorPositions(positions.inv_freq.to(DEVICE), positions.attention_scaling, positions.rotated)
+    return (*(x.to(DEVICE, dtype) for x in (q, k, values)), positions, SelectedPass(W, topk), sinks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []), ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_matches_reference_and_oracle(case, dtype):
+    q, k, values, positions, step, sinks = _inputs(case, dtype)
+    scale = q.shape[-1] ** -0.5
+    out = selected_pass_forward(step, q, k, values, sinks=sinks, scale=scale, positions=positions)
+    assert out.dtype == dtype and out.shape == q.shape
+    # the reference of the same pass (alone): values per kv head are v, per query head a
+    # value tensor the fold passes would have left; the oracle takes them as v when per kv head
+    ref = tensorized_attn(q, k, values if values.shape[2] == k.shape[2] else k, order=(), select=step, sinks=sinks,
+                          positions=positions, backend="reference") if values.shape[2] == k.shape[2] else None
+    if ref is not None:
+        exact = (oracle(q, k, values, (q.shape[1],), order=(), select=step, sinks=sinks) if positions is None else
+                 oracle_with_positions(q, k, values, (q.shape[1],), positions.inv_freq, rotated=positions.rotated,
+                                       attention_scaling=positions.attention_scaling, order=(), select=step,
+                                       sinks=sinks))
+        err_ref = (ref.double() - exact).abs().max().item()
+        err = (out.double() - exact).abs().max().item()
+        tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+        assert err <= 2 * err_ref + tol, f"error {err:.3g} against the oracle, reference {err_ref:.3g}"
+    else:  # values per query head: against the reference's own pass on those values
+        from tensorized_attention.ops.reference import _content_pass
+
+        B, N, H, D = q.shape
+        Hkv = k.shape[2]
+        G = H // Hkv
+
+        def internal(x, groups):
+            return x.reshape(B, N, x.shape[2] // groups, groups, D).permute(0, 2, 3, 1, 4)
+
+        q_c, k_c, inv_freq, rope_scale = q, k, None, None
+        if positions is not None:
+            pos = torch.arange(N, device=q.device)
+            if positions.rotated:
+                q_c, k_c = (rotate(x.transpose(1, 2), pos, positions.inv_freq, inverse=True).transpose(1, 2)
+                            for x in (q, k))
+                rope_scale = 1.0
+            else:
+                rope_scale = positions.attention_scaling
+            q_c = (q_c.float() * rope_scale).to(q.dtype)
+            inv_freq = positions.inv_freq
+        want = _content_pass(step, internal(q_c, G), internal(k_c, 1), internal(values, G), None, min(sinks, N),
+                             sinks, scale, inv_freq, rope_scale)
+        want = want.permute(0, 3, 1, 2, 4).reshape(B, N, H, D)
+        tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+        assert (out.double() - want.double()).abs().max().item() <= tol
+
+
+def test_tile_unions_are_the_sorted_distinct_blocks_of_each_tile():
+    blocks = torch.tensor([[[[0, 2], [2, 5], [1, 9], [9, 9], [3, 4]]]])  # n_blocks 6: 9 is padding
+    union, count = tile_unions(blocks, 6, 2)
+    assert count.tolist() == [[[3, 1, 2]]]
+    assert union[0, 0, 0, :3].tolist() == [0, 2, 5] and union[0, 0, 1, 0].item() == 1
+    assert union[0, 0, 2, :2].tolist() == [3, 4]
