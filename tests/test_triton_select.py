@@ -104,3 +104,20 @@ def test_tile_unions_are_the_sorted_distinct_blocks_of_each_tile():
     assert count.tolist() == [[[3, 1, 2]]]
     assert union[0, 0, 0, :3].tolist() == [0, 2, 5] and union[0, 0, 1, 0].item() == 1
     assert union[0, 0, 2, :2].tolist() == [3, 4]
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "after-fold"])
+def test_operator_runs_the_kernel_without_gradients(alone):
+    """tensorized_attn(..., select=SelectedPass, backend="triton"): the fold passes and the
+    selected pass's forward on Triton, the gate mixed after, equal to the reference; with
+    gradients the Triton backend says it has none for this pass."""
+    q, k, values, positions, step, sinks = _inputs((96, 16, 2, 4, 2, 32, 2, "raw", False), torch.float32)
+    order = () if alone else None
+    gate = torch.rand(4, 1 if alone else 3, device=DEVICE)
+    opts = dict(order=order, select=step, sinks=sinks, positions=positions, gate=gate)
+    with torch.no_grad():
+        fast = tensorized_attn(q, k, values, (6, 16), backend="triton", **opts)
+        ref = tensorized_attn(q, k, values, (6, 16), backend="reference", **opts)
+    assert (fast - ref).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="has no 'SelectedPass with gradients'"):
+        tensorized_attn(q.requires_grad_(), k, values, (6, 16), backend="triton", **opts)
