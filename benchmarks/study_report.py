@@ -70,9 +70,10 @@ def render(results: dict[str, dict], plot_dir: str, plots: bool = True) -> str:
     out += ["", "Commands (the study's defaults: SmolLM2-135M, training context 32k, 20M training tokens, batch 2,",
             "lr 2e-5, perplexity at 2k to 128k over the test split's documents of at least 128k tokens, 8",
             "windows per length, passkey at 8k, 32k and 128k). On a machine that limits one command to 10",
-            "minutes, a trained configuration ran as `--stages train --train-args '--time-limit 530'`, again",
-            "(it resumes from its checkpoint) until its budget was done, then `--stages perplexity,passkey`;",
-            "the JSON files record every command exactly:", "", "```",
+            "minutes, a trained configuration ran with `--train-args '--time-limit 530'` (or 420), again and",
+            "again (it resumes from its checkpoint) until its budget was done, and was then evaluated (in the",
+            "same command, or with `--stages perplexity,passkey`); the JSON files record every command exactly:",
+            "", "```",
             "tensorized-attention corpus --out corpus",
             *[f"tensorized-attention study --config {name} --data corpus --out benchmarks/results/study"
               for name in CONFIGS],
