@@ -280,6 +280,22 @@ def test_plan_windows_max_windows_and_errors():
             perplexity.plan_windows(**bad)
 
 
+def test_score_last_scores_the_same_tokens_at_every_context():
+    """score_last: windows end at first_end + i * T whatever the context, each scoring its
+    last T tokens: every context scores the same targets."""
+    targets = {}
+    for context in (8, 16, 32):
+        plan = perplexity.plan_windows(100, context, score_last=4, first_end=32)
+        assert all(w.end - w.begin == context and w.scored == 4 for w in plan)
+        targets[context] = [t for w in plan for t in range(w.score_from, w.end)]
+    assert targets[8] == targets[16] == targets[32] == list(range(28, 100))
+    assert len(perplexity.plan_windows(100, 8, score_last=4, first_end=32, max_windows=3)) == 3
+    for bad in [dict(score_last=8), dict(score_last=4, stride=2), dict(score_last=4, first_end=6),
+                dict(score_last=4, first_end=101)]:
+        with pytest.raises(ValueError):
+            perplexity.plan_windows(100, 8, **bad)
+
+
 def test_evaluate_sums_the_windows(tiny):
     model, tokenizer = tiny
     ids = torch.tensor(tokenizer(TEXT, add_special_tokens=False)["input_ids"][:100])
@@ -360,6 +376,13 @@ def test_cli_perplexity_corpus_documents_and_contexts(checkpoint, tmp_path):
         # pooled: the mean over every scored token of every document
         pooled = sum(d["mean_nll"] * d["scored"] for d in result["per_document"]) / result["scored_tokens"]
         assert result["mean_nll"] == pytest.approx(pooled, rel=1e-9)
+    # --score-last: both contexts score the same tokens of the same documents
+    assert main(["perplexity", "--data", str(tmp_path / "c"), "--model", str(checkpoint), "--context", "16,64",
+                 "--score-last", "8", "--no-progress", "--out", str(out)]) == 0
+    short, long = json.loads(out.read_text())["results"]
+    assert short["score_last"] == long["score_last"] == 8
+    assert short["scored_tokens"] == long["scored_tokens"] == 8 * short["windows"]
+    assert [d["scored"] for d in short["per_document"]] == [d["scored"] for d in long["per_document"]]
 
 
 def test_cli_perplexity_errors(checkpoint, tmp_path, capsys):
@@ -373,6 +396,8 @@ def test_cli_perplexity_errors(checkpoint, tmp_path, capsys):
     assert "preset name or a JSON object" in capsys.readouterr().err
     assert main([*base, "--attention", "tensorized:{\"no_such_option\": 1}"]) == 2
     assert "unknown keys" in capsys.readouterr().err
+    assert main([*base, "--score-last", "16"]) == 2
+    assert "--score-last takes no --stride and must be below the shortest --context (16)" in capsys.readouterr().err
     assert main([*base, "--min-doc-tokens", "100000"]) == 2
     assert "no document of at least 100000 tokens" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()

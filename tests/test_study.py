@@ -54,6 +54,10 @@ def test_every_configuration_has_its_commands(setup, tmp_path):
         assert all(c[c.index("--attention") + 1] == config.attention for c in commands)
         evaluated = commands[-1][commands[-1].index("--model") + 1]
         assert evaluated == (str(tmp_path / name / "train" / "final") if config.train else str(checkpoint))
+        assert "--score-last" not in commands[-2]
+    args = parser.parse_args(_args(root, checkpoint)[2:] + ["--config", "pilot", "--eval-score-last", "1024"])
+    perplexity = study.study_commands("pilot", args)[-2]
+    assert perplexity[0] == "perplexity" and perplexity[perplexity.index("--score-last") + 1] == "1024"
 
 
 def test_study_trains_then_evaluates_the_trained_model(setup, capsys):

@@ -16,6 +16,13 @@ is scored once, in the first window that predicts it:
   last ``stride`` tokens, each of which then sees at least ``context - stride`` tokens of
   context.
 
+- ``score_last=T``: the same tokens at every context. Windows end at ``first_end``,
+  ``first_end + T``, ... (``first_end``: the longest context evaluated, so every window is
+  full), each reads the ``context`` tokens before its end and scores only its last ``T``:
+  every context scores exactly the same targets and differs only in how much history each
+  target sees. (With the windows above, a longer context also scores other tokens: later
+  parts of a document, whose difficulty differs.)
+
 The perplexity is ``exp`` of the mean negative log-likelihood (natural log) over the scored
 tokens. :func:`plan_windows` gives the windows, :func:`window_nll` scores one,
 :func:`evaluate` runs them all.
@@ -48,23 +55,30 @@ class Window(NamedTuple):
 
 
 def plan_windows(
-    n_tokens: int, context: int, stride: int | None = None, max_windows: int | None = None
+    n_tokens: int, context: int, stride: int | None = None, max_windows: int | None = None, *,
+    score_last: int | None = None, first_end: int | None = None,
 ) -> list[Window]:
     """The windows of the evaluation of ``n_tokens`` tokens (see the module's docstring).
 
     ``stride`` defaults to ``context``; ``max_windows`` keeps the first windows only.
     Without ``max_windows`` every token but the first is scored exactly once when
     ``stride < context``; with ``stride == context`` the first token of each window is not.
+    ``score_last``: windows ending at ``first_end + i * score_last`` (``first_end``
+    defaults to ``context``), each scoring its last ``score_last`` tokens.
 
     >>> plan_windows(10, 4)                 # non-overlapping, the last one moved back
     [Window(begin=0, end=4, score_from=1), Window(begin=4, end=8, score_from=5), Window(begin=6, end=10, score_from=8)]
     >>> [w.scored for w in plan_windows(10, 4, stride=2)]   # sliding: 3 then the last 2
     [3, 2, 2, 2]
+    >>> plan_windows(12, 4, score_last=2, first_end=6)  # the same targets as with context 6
+    [Window(begin=2, end=6, score_from=4), Window(begin=4, end=8, score_from=6), Window(begin=6, end=10, score_from=8), Window(begin=8, end=12, score_from=10)]
     """
     if n_tokens < 2:
         raise ValueError(f"need at least 2 tokens, got {n_tokens}")
     if context < 2:
         raise ValueError(f"context must be >= 2, got {context}")
+    if score_last is not None:
+        return _tail_windows(n_tokens, context, score_last, first_end, max_windows, stride)
     stride = context if stride is None else stride
     if not 1 <= stride <= context:
         raise ValueError(f"stride must lie in [1, context={context}], got {stride}")
@@ -83,6 +97,26 @@ def plan_windows(
         if end == n_tokens:
             break
         begin += stride
+    return windows
+
+
+def _tail_windows(n_tokens, context, score_last, first_end, max_windows, stride) -> list[Window]:
+    first_end = context if first_end is None else first_end
+    if stride is not None:
+        raise ValueError("score_last sets where windows end; it takes no stride")
+    if not 1 <= score_last < context:
+        raise ValueError(f"score_last must lie in [1, context - 1 = {context - 1}], got {score_last}")
+    if first_end < context:
+        raise ValueError(f"first_end ({first_end}) must be >= context ({context}): every window full")
+    if first_end > n_tokens:
+        raise ValueError(f"the first window ends at {first_end}, past the {n_tokens} tokens")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+    windows = []
+    end = first_end
+    while end <= n_tokens and (max_windows is None or len(windows) < max_windows):
+        windows.append(Window(end - context, end, end - score_last))
+        end += score_last
     return windows
 
 
@@ -146,6 +180,8 @@ def evaluate(
     stride: int | None = None,
     max_windows: int | None = None,
     progress: bool = True,
+    score_last: int | None = None,
+    first_end: int | None = None,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` over ``tokens`` (a 1-D sequence of token ids), window by
     window (:func:`plan_windows`, :func:`window_nll`), under :func:`torch.no_grad`, on the
@@ -158,7 +194,7 @@ def evaluate(
     ``scored``, ``mean_nll`` and ``seconds`` of each window.
     """
     ids = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
-    plan = plan_windows(ids.numel(), context, stride, max_windows)
+    plan = plan_windows(ids.numel(), context, stride, max_windows, score_last=score_last, first_end=first_end)
     device = next(model.parameters()).device
     try:
         from tqdm import tqdm
@@ -205,6 +241,8 @@ def evaluate_documents(
     stride: int | None = None,
     max_windows: int | None = None,
     progress: bool = True,
+    score_last: int | None = None,
+    first_end: int | None = None,
 ) -> dict[str, Any]:
     """:func:`evaluate` over several documents (``(id, tokens)`` pairs), each cut into its
     own windows (no window crosses a document boundary), the totals pooled: the mean NLL
@@ -217,7 +255,8 @@ def evaluate_documents(
         left = None if max_windows is None else max_windows - totals["windows"]
         if left is not None and left <= 0:
             break
-        result = evaluate(model, tokens, context=context, stride=stride, max_windows=left, progress=progress)
+        result = evaluate(model, tokens, context=context, stride=stride, max_windows=left, progress=progress,
+                          score_last=score_last, first_end=first_end)
         for key in totals:
             totals[key] += result[key]
         per_document.append({"id": doc_id, "windows": result["windows"], "scored": result["scored_tokens"],
@@ -276,6 +315,9 @@ def add_arguments(p) -> None:
                    help="tokens per window; a comma list evaluates each (k = 1024), one model load")
     p.add_argument("--stride", type=_positive, default=None,
                    help="tokens between window starts; None: the context, non-overlapping windows")
+    p.add_argument("--score-last", type=_positive, default=None, metavar="T",
+                   help="score only the last T tokens of each window, windows ending at the longest --context "
+                        "+ i*T: every context scores the same tokens (no --stride)")
     p.add_argument("--max-windows", type=_positive, default=None,
                    help="evaluate the first K windows only (per context, over all documents)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
@@ -305,6 +347,9 @@ def run(args, command: str) -> int:
         return fail(f"--context must be >= 2, got {min(contexts)}")
     if args.stride is not None and args.stride > min(contexts):
         return fail(f"--stride ({args.stride}) must not exceed --context ({min(contexts)})")
+    if args.score_last is not None and (args.stride is not None or args.score_last >= min(contexts)):
+        return fail(f"--score-last takes no --stride and must be below the shortest --context ({min(contexts)}), "
+                    f"got {args.score_last}")
     try:
         setup = setups.parse_attention(args.attention)
     except ValueError as err:
@@ -336,7 +381,9 @@ def run(args, command: str) -> int:
             return fail(f"--data: {err}")
         documents = [(doc_id, np.asarray(split[i], dtype=np.int64)) for i, doc_id in enumerate(split.ids)]
         source = {"data": args.data, "split": args.split, "documents_in_split": len(documents)}
-    least = args.min_doc_tokens or (max(contexts) if args.data is not None else 2)
+    least = args.min_doc_tokens or (max(contexts) if args.data is not None or args.score_last else 2)
+    if args.score_last:  # the windows of every context end where the longest context's first one does
+        least = max(least, max(contexts))
     documents = [(doc_id, tokens) for doc_id, tokens in documents if len(tokens) >= least]
     if not documents:
         return fail(f"no document of at least {least} tokens to evaluate")
@@ -357,8 +404,11 @@ def run(args, command: str) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         result = evaluate_documents(model, documents, context=context, stride=args.stride,
-                                    max_windows=args.max_windows, progress=not args.no_progress)
-        result = {"context": context, "stride": args.stride or context, **result}
+                                    max_windows=args.max_windows, progress=not args.no_progress,
+                                    score_last=args.score_last,
+                                    first_end=max(contexts) if args.score_last else None)
+        result = {"context": context, "stride": args.score_last or args.stride or context,
+                  "score_last": args.score_last, **result}
         if device.type == "cuda":
             result["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         if setup.kind in ("tensorized", "window"):

@@ -82,6 +82,7 @@ def study_commands(name: str, args: argparse.Namespace) -> list[list[str]]:
                          "--out", train_dir, *(["--resume"] if resume else []), *args.train_args])
     commands.append(["perplexity", "--model", model, *common, "--data", args.data, "--split", "test",
                      "--context", args.eval_lengths, "--max-windows", str(args.eval_windows),
+                     *(["--score-last", str(args.eval_score_last)] if args.eval_score_last else []),
                      "--out", os.path.join(out, "perplexity.json")])
     commands.append(["passkey", "--model", model, *common, "--lengths", args.passkey_lengths,
                      "--depths", str(args.depths), "--trials", str(args.trials), "--seed", str(args.seed),
@@ -103,6 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-lengths", default="2k,8k,32k,64k,128k", help="perplexity contexts")
     p.add_argument("--eval-windows", type=int, default=8, help="perplexity windows per context")
+    p.add_argument("--eval-score-last", type=int, default=None, metavar="T",
+                   help="perplexity over the same last T tokens of windows that end together, at every "
+                        "length (perplexity --score-last); default: whole windows")
     p.add_argument("--passkey-lengths", default="8k,32k,128k", help="passkey prompt lengths")
     p.add_argument("--depths", type=int, default=5, help="passkey depths per length")
     p.add_argument("--trials", type=int, default=2, help="passkey trials per (length, depth)")
