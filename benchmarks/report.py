@@ -14,7 +14,11 @@ import json
 
 
 def _case(row):
-    return (row["method"], row["seqlen"], row["kv_heads"], row["backward"], tuple(row["shape"]), row["mode"])
+    return (row["method"], row["seqlen"], row["kv_heads"], row["backward"], tuple(row["shape"]), _mode(row))
+
+
+def _mode(row):
+    return row["mode"] + (f"+select{row['select']}" if row.get("select") else "")
 
 
 def load(paths):
@@ -43,10 +47,10 @@ def table(rows, *, kv_heads, backward):
     pick = [r for r in rows if r["kv_heads"] == kv_heads and r["backward"] == backward]
     out = ["| N | method | fold | mode | ms (median) | x floor | GB/s | vs SDPA-flash | vs SDPA-cuDNN | peak MiB |",
            "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(pick, key=lambda r: (r["seqlen"], r["method"] != "triton", r["method"], len(r["shape"]), r["mode"])):
+    for r in sorted(pick, key=lambda r: (r["seqlen"], r["method"] != "triton", r["method"], len(r["shape"]), _mode(r))):
         tens = r["method"] in ("triton", "reference")
         cells = [
-            f"{r['seqlen']:,}", r["method"], _fold(r), r["mode"] if tens else "–", _ms(r),
+            f"{r['seqlen']:,}", r["method"], _fold(r), _mode(r) if tens else "–", _ms(r),
             f"{r['x_floor']:.2f}" if "x_floor" in r else "–",
             f"{r['gb_per_s']:.0f}" if "gb_per_s" in r else "–",
             f"{r['x_vs_sdpa-flash']:.1f}x" if "x_vs_sdpa-flash" in r else "–",
@@ -70,7 +74,7 @@ def plot(rows, path):
             if r["kv_heads"] != 32 or r["backward"] != backward or "ms" not in r or r["method"] == "reference":
                 continue
             if r["method"] == "triton":
-                label = f"tensorized (Triton), {len(r['shape'])} dims, {r['mode']}"
+                label = f"tensorized (Triton), {len(r['shape'])} dims, {_mode(r)}"
             elif r["method"] == "flex-window":
                 label = "FlexAttention sliding window (width n_m)"
             else:

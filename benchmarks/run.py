@@ -111,6 +111,8 @@ def main(argv=None):
     p.add_argument("--modes", default="complete,block")
     p.add_argument("--methods", default="triton,sdpa-flash,sdpa-cudnn,flex-window,reference")
     p.add_argument("--directions", default="fwd,fwdbwd")
+    p.add_argument("--select-topk", default="2",
+                   help="top-k of the selected-pass cases (Triton forward after 2-dim complete); '' for none")
     p.add_argument("--out", default="results/suite.json")
     p.add_argument("--tune", action="store_true", help="time tile settings instead of the registry")
     args = p.parse_args(argv)
@@ -121,7 +123,7 @@ def main(argv=None):
     cases = suite.registry(
         ints(args.lengths), kv_heads=ints(args.kv_heads), ndims=ints(args.ndims),
         modes=args.modes.split(","), methods=args.methods.split(","),
-        directions=[d == "fwdbwd" for d in args.directions.split(",")],
+        directions=[d == "fwdbwd" for d in args.directions.split(",")], select_topk=ints(args.select_topk),
     )
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     result = suite.run_suite(cases, out_path=args.out, command=command)

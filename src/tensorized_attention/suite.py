@@ -51,12 +51,14 @@ class Case:
     shape: tuple[int, ...] = ()
     sinks: int = 0
     gate: bool = False
+    select: int = 0  # topk of a selected pass after the fold passes (block: the last fold size); 0: none
 
     @property
     def name(self) -> str:
         fold = "x".join(map(str, self.shape)) if self.shape else "-"
+        mode = self.mode + (f"+select{self.select}" if self.select else "") if self.method in TENSORIZED else ""
         return (f"{self.method} N={self.seqlen} H={self.heads}/{self.kv_heads} fold={fold} "
-                f"{self.mode if self.method in TENSORIZED else ''} {'fwd+bwd' if self.backward else 'fwd'}")
+                f"{mode} {'fwd+bwd' if self.backward else 'fwd'}")
 
 
 def registry(
@@ -69,8 +71,11 @@ def registry(
     methods: Iterable[str] = ("triton",) + BASELINES + ("reference",),
     max_sdpa_len: int = 131072,
     max_reference_len: int = 32768,
+    select_topk: Iterable[int] = (2,),
 ) -> list[Case]:
-    """The cases of the suite (batch 1, 32 heads, head dim 128, bfloat16, causal)."""
+    """The cases of the suite (batch 1, 32 heads, head dim 128, bfloat16, causal). With
+    ``select_topk``: also the Triton forward of ``complete`` on the 2-dim fold followed by a
+    selected pass of that top-k (block: the contiguous dimension, 4 sinks)."""
     cases = []
     for N in lengths:
         for hkv in kv_heads:
@@ -83,6 +88,9 @@ def registry(
                             for mode in modes:
                                 cases.append(Case(method, N, kv_heads=hkv, backward=bwd, mode=mode,
                                                   shape=choose_shape(N, ndim)))
+                        if method == "triton" and not bwd:  # the selected pass has no Triton backward yet
+                            cases += [Case(method, N, kv_heads=hkv, shape=choose_shape(N, 2), sinks=4, select=k)
+                                      for k in select_topk]
                     elif method.startswith("sdpa") and N <= max_sdpa_len:
                         cases.append(Case(method, N, kv_heads=hkv, backward=bwd))
                     elif method == "flex-window":
@@ -165,8 +173,11 @@ def _inputs(case: Case, device):
 
 def _forward_fn(case: Case, q, k, v) -> Callable[[], torch.Tensor]:
     if case.method in TENSORIZED:
+        from .passes import SelectedPass
+
+        select = SelectedPass(case.shape[-1], case.select) if case.select else None
         return lambda: tensorized_attn(q, k, v, case.shape, causal=True, mode=case.mode,
-                                       sinks=case.sinks, backend=case.method)
+                                       sinks=case.sinks, select=select, backend=case.method)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # SDPA's [B, H, N, D] (views)
     gqa = case.heads != case.kv_heads
     if case.method.startswith("sdpa"):
@@ -228,7 +239,7 @@ def run_case(case: Case, ceilings: dict, device="cuda", warmup_ms=25, rep_ms=100
     finally:
         gc.collect()
         torch.cuda.empty_cache()
-    if case.method in TENSORIZED and case.shape:
+    if case.method in TENSORIZED and case.shape and not case.select:  # the floor of the fold passes
         fl = pass_floor(case, ceilings)
         row.update(floor_ms=fl["floor_ms"], bytes=fl["bytes"], flops=fl["flops"])
         if "ms" in row:
