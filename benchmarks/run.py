@@ -112,7 +112,7 @@ def main(argv=None):
     p.add_argument("--methods", default="triton,sdpa-flash,sdpa-cudnn,flex-window,reference")
     p.add_argument("--directions", default="fwd,fwdbwd")
     p.add_argument("--select-topk", default="2",
-                   help="top-k of the selected-pass cases (Triton forward after 2-dim complete); '' for none")
+                   help="top-k of the selected-pass cases (Triton, after 2-dim complete); '' for none")
     p.add_argument("--out", default="results/suite.json")
     p.add_argument("--tune", action="store_true", help="time tile settings instead of the registry")
     args = p.parse_args(argv)

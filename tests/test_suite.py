@@ -6,7 +6,7 @@ from __future__ import annotations
 from tensorized_attention import suite
 
 
-def test_registry_holds_every_method_and_the_selected_pass_forward():
+def test_registry_holds_every_method_and_the_selected_pass():
     cases = suite.registry([4096, 262144], kv_heads=[32], ndims=[2, 3], methods=["triton", "sdpa-flash", "reference"],
                            max_sdpa_len=131072, max_reference_len=32768)
     names = [c.name for c in cases]
@@ -17,6 +17,6 @@ def test_registry_holds_every_method_and_the_selected_pass_forward():
     assert {c.seqlen for c in cases if c.method == "reference"} == {4096}
     selected = [c for c in cases if c.select]
     assert [(c.seqlen, c.backward, c.shape, c.sinks, c.select) for c in selected] == [
-        (4096, False, suite.choose_shape(4096, 2), 4, 2), (262144, False, suite.choose_shape(262144, 2), 4, 2)]
-    assert "complete+select2 fwd" in selected[0].name
+        (n, bwd, suite.choose_shape(n, 2), 4, 2) for n in (4096, 262144) for bwd in (False, True)]
+    assert "complete+select2 fwd" in selected[0].name and "complete+select2 fwd+bwd" in selected[1].name
     assert not suite.registry([4096], methods=["triton"], select_topk=())[0].select

@@ -109,8 +109,7 @@ def test_tile_unions_are_the_sorted_distinct_blocks_of_each_tile():
 @pytest.mark.parametrize("alone", [True, False], ids=["alone", "after-fold"])
 def test_operator_runs_the_kernel_without_gradients(alone):
     """tensorized_attn(..., select=SelectedPass, backend="triton"): the fold passes and the
-    selected pass's forward on Triton, the gate mixed after, equal to the reference; with
-    gradients the Triton backend says it has none for this pass."""
+    selected pass on Triton, the gate mixed after, equal to the reference, gradients too."""
     q, k, values, positions, step, sinks = _inputs((96, 16, 2, 4, 2, 32, 2, "raw", False), torch.float32)
     order = () if alone else None
     gate = torch.rand(4, 1 if alone else 3, device=DEVICE)
@@ -119,5 +118,52 @@ def test_operator_runs_the_kernel_without_gradients(alone):
         fast = tensorized_attn(q, k, values, (6, 16), backend="triton", **opts)
         ref = tensorized_attn(q, k, values, (6, 16), backend="reference", **opts)
     assert (fast - ref).abs().max().item() < 1e-4
-    with pytest.raises(ValueError, match="has no 'SelectedPass with gradients'"):
-        tensorized_attn(q.requires_grad_(), k, values, (6, 16), backend="triton", **opts)
+    leaves = [x.requires_grad_() for x in (q, k, values, gate)]
+    upstream = torch.randn_like(q)
+    grads = [torch.autograd.grad(tensorized_attn(q, k, values, (6, 16), backend=backend, **opts), leaves, upstream)
+             for backend in ("triton", "reference")]
+    for name, a, b in zip("qkvg", *grads, strict=True):
+        assert (a - b).abs().max().item() <= 1e-4 * (b.abs().max().item() + 1), name
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_gradients_match_the_reference(case):
+    """dq, dk, dv through the Triton forward and backward equal the reference's autograd
+    (float32), for values per kv head and per query head, with and without positions."""
+    from tensorized_attention.ops.reference import _content_pass
+
+    q, k, values, positions, step, sinks = _inputs(case, torch.float32)
+    q, k, values = (x.detach().requires_grad_() for x in (q, k, values))
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    scale = D ** -0.5
+    out = selected_pass_forward(step, q, k, values, sinks=sinks, scale=scale, positions=positions)
+
+    def internal(x, groups):
+        return x.reshape(B, N, x.shape[2] // groups, groups, D).permute(0, 2, 3, 1, 4)
+
+    q_c, k_c, inv_freq, rope_scale = q, k, None, None
+    if positions is not None:
+        pos = torch.arange(N, device=q.device)
+        if positions.rotated:
+            q_c, k_c = (rotate(x.transpose(1, 2), pos, positions.inv_freq, inverse=True).transpose(1, 2)
+                        for x in (q, k))
+            rope_scale = 1.0
+        else:
+            rope_scale = positions.attention_scaling
+        q_c = q_c * rope_scale
+        inv_freq = positions.inv_freq
+    value_groups = 1 if values.shape[2] == Hkv else G
+    want = _content_pass(step, internal(q_c, G), internal(k_c, 1), internal(values, value_groups), None,
+                         min(sinks, N), sinks, scale, inv_freq, rope_scale).permute(0, 3, 1, 2, 4).reshape(B, N, H, D)
+    assert (out - want).abs().max().item() < 1e-4
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, values), upstream)
+    ref = torch.autograd.grad(want, (q, k, values), upstream)
+    for name, a, b in zip("qkv", got, ref, strict=True):
+        scale_ = b.abs().max().item() + 1.0
+        assert (a - b).abs().max().item() <= 1e-4 * scale_, name
+    again = torch.autograd.grad(selected_pass_forward(step, q, k, values, sinks=sinks, scale=scale,
+                                                      positions=positions), (q, k, values), upstream)
+    assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))  # a fixed order of sums

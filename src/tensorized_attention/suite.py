@@ -74,8 +74,8 @@ def registry(
     select_topk: Iterable[int] = (2,),
 ) -> list[Case]:
     """The cases of the suite (batch 1, 32 heads, head dim 128, bfloat16, causal). With
-    ``select_topk``: also the Triton forward of ``complete`` on the 2-dim fold followed by a
-    selected pass of that top-k (block: the contiguous dimension, 4 sinks)."""
+    ``select_topk``: also ``complete`` on the 2-dim fold followed by a selected pass of that
+    top-k (block: the contiguous dimension, 4 sinks), on Triton."""
     cases = []
     for N in lengths:
         for hkv in kv_heads:
@@ -88,9 +88,9 @@ def registry(
                             for mode in modes:
                                 cases.append(Case(method, N, kv_heads=hkv, backward=bwd, mode=mode,
                                                   shape=choose_shape(N, ndim)))
-                        if method == "triton" and not bwd:  # the selected pass has no Triton backward yet
-                            cases += [Case(method, N, kv_heads=hkv, shape=choose_shape(N, 2), sinks=4, select=k)
-                                      for k in select_topk]
+                        if method == "triton":
+                            cases += [Case(method, N, kv_heads=hkv, backward=bwd, shape=choose_shape(N, 2), sinks=4,
+                                           select=k) for k in select_topk]
                     elif method.startswith("sdpa") and N <= max_sdpa_len:
                         cases.append(Case(method, N, kv_heads=hkv, backward=bwd))
                     elif method == "flex-window":

@@ -145,8 +145,8 @@ def tensorized_attn(
             :class:`~tensorized_attention.passes.PooledPass` ``(block)``: the window, one
             summary (mean key, mean value) of every earlier block, and the sinks. ``block``
             must divide ``prod(shape)`` when fold passes run. The Triton backend runs the
-            selected pass's forward (no gradients; a block that is a multiple of 16);
-            otherwise ``"auto"`` picks the reference.
+            selected pass (forward and backward) for a block that is a multiple of 16;
+            the pooled pass is reference only (``"auto"`` picks it).
         relay: key relay (DESIGN.md §8): each fold pass mixes the keys with the weights it
             mixes the values with, ``K_t = g K_{t-1} + (1 - g) A_t K_{t-1}`` (``K_0 = k``), and
             pass t scores q against ``K_{t-1}`` (rotated at its tensor positions), so a relay
@@ -197,7 +197,7 @@ def tensorized_attn(
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     _check_positions(positions, D, q.device)
-    backend = _choose_backend(backend, q, reference_only=_reference_only(select, relay, q, k, v, gate))
+    backend = _choose_backend(backend, q, reference_only=_reference_only(select, relay, q))
     options = dict(causal=causal, mode=mode, order=order, gate=gate, sinks=sinks, softmax_scale=float(softmax_scale))
     if backend == "triton":
         from .triton import tensorized_attn_triton
@@ -208,25 +208,21 @@ def tensorized_attn(
     return tensorized_attn_reference(q, k, v, shape, positions=positions, select=select, relay=relay, **options)
 
 
-def _reference_only(select, relay, q, k, v, gate) -> str | None:
+def _reference_only(select, relay, q) -> str | None:
     """What in this call only the reference backend computes, if anything: key relay, a
-    pooled pass, a selected pass with gradients (its Triton kernel is forward only) or
-    with a block the kernel's tiles do not divide."""
+    pooled pass, or a selected pass with a block the kernels' tiles do not divide."""
     if relay:
         return "relay"
     if isinstance(select, PooledPass):
         return "PooledPass"
-    if isinstance(select, SelectedPass):
-        if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (q, k, v, gate)):
-            return "SelectedPass with gradients"
-        if select.block % 16 or q.shape[-1] % 2:
-            return "SelectedPass with a block that is not a multiple of 16 or an odd headdim"
+    if isinstance(select, SelectedPass) and (select.block % 16 or q.shape[-1] % 2):
+        return "SelectedPass with a block that is not a multiple of 16 or an odd headdim"
     return None
 
 
 def _selected_on_triton(q, k, v, shape, select, positions, options):
-    """The fold passes on the Triton backend, then the selected pass's Triton forward (no
-    gradients), its gate mixed here."""
+    """The fold passes on the Triton backend, then the selected pass's Triton kernels, its
+    gate mixed here (all with autograd)."""
     from .triton import tensorized_attn_triton
     from .triton.select import selected_pass_forward
 
