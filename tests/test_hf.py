@@ -41,8 +41,13 @@ OPTIONS = [
     {"shape": [None, 3, 2], "mode": "complete", "sinks": 1, "relay": True},
 ]
 
-# cached decoding covers the fold passes (not yet the last passes nor key relay)
-DECODABLE = [o for o in OPTIONS if not any(o.get(x) for x in ("select", "pool", "relay"))]
+# cached decoding covers the fold passes and a selected or pooled pass alone (not yet a
+# last pass after the fold passes, nor key relay)
+DECODABLE = [o for o in OPTIONS if not any(o.get(x) for x in ("select", "pool", "relay"))] + [
+    {"shape": [None, 4], "mode": "complete", "order": [], "sinks": 2, "select": {"block": 4, "topk": 2}},
+    {"shape": [None, 4], "mode": "complete", "order": [], "sinks": 1, "gate": [0.3], "pool": {"block": 4}},
+    {"shape": [None, 4], "mode": "complete", "order": [], "positions": "sequence", "select": {"block": 4, "topk": 1}},
+]
 
 
 def _manual(options):
@@ -150,7 +155,8 @@ def test_full_attention_layers_and_sequence_fold_match_sdpa():
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-@pytest.mark.parametrize("options", DECODABLE, ids=lambda o: str(o["shape"]) + o["mode"])
+@pytest.mark.parametrize("options", DECODABLE, ids=lambda o: str(o["shape"]) + o["mode"] + "".join(
+    f"+{x}" for x in ("select", "pool") if o.get(x)) + ("+seqpos" if o.get("positions") == "sequence" else ""))
 @pytest.mark.parametrize("prefill", [12, 13])
 def test_cached_decoding_equals_one_forward(family, options, prefill):
     model = hf.enable(_tiny(family), options)
@@ -268,12 +274,13 @@ def test_cached_decoding_other_order_keeps_whole_sequences():
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-6, atol=1e-6)
 
 
-def test_cached_decoding_with_a_selected_pass_is_refused():
+def test_cached_decoding_with_a_selected_pass_after_the_fold_is_refused():
     """A forward with a cache works (the prefill); decoding from it says what is missing."""
-    model = hf.enable(_tiny(dtype=torch.float32), "select")
-    model.config.tensorized_attention = {**hf.PRESETS["select"], "shape": [None, 4], "select": {"block": 4, "topk": 1}}
+    model = hf.enable(_tiny(dtype=torch.float32), "pilot_select")
+    model.config.tensorized_attention = {**hf.PRESETS["pilot_select"], "shape": [None, 4],
+                                         "select": {"block": 4, "topk": 1}}
     ids = torch.randint(0, 97, (1, 9))
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
-        with pytest.raises(NotImplementedError, match="cached decoding with a selected or pooled pass"):
+        with pytest.raises(NotImplementedError, match="cached decoding with a selected or pooled pass after the fold"):
             model.generate(ids, max_new_tokens=2, do_sample=False)

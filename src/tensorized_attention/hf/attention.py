@@ -313,14 +313,41 @@ def tensorized_attention_forward(module, query, key, value, attention_mask, drop
     past = kv_len - q_len
     if past == 0:
         return _prefill(module, opts, query, key, value, scale, cache), None
+    if last_pass(opts) is not None and opts["order"] is not None and len(opts["order"]) == 0:
+        return _decode_last_pass_alone(module, opts, query, key, value, scale, past), None
     if last_pass(opts) is not None or opts["relay"]:
-        raise NotImplementedError("tensorized attention: cached decoding with a selected or pooled pass, or with key "
-                                  "relay, is not built yet; run each step over the whole sequence (use_cache=False)")
+        raise NotImplementedError("tensorized attention: cached decoding with a selected or pooled pass after the fold "
+                                  "passes, or with key relay, is not built yet (a selected or pooled pass alone is); "
+                                  "run each step over the whole sequence (use_cache=False)")
     if cache is None or decode_state(cache, module.layer_idx) is None:
         raise RuntimeError(
             "tensorized attention: the keys hold past tokens but this layer has no decoding state; decode with "
             "a transformers cache that went through the prefill with attn_implementation='tensorized'")
     return _decode(module, opts, query, key, value, scale, decode_state(cache, module.layer_idx), past), None
+
+
+def _decode_last_pass_alone(module, opts, query, key, value, scale, past):
+    """Tokens past .. past + q_len - 1 of a selected or pooled pass alone (``order: []``),
+    against the cache: each new query ranks the blocks of the cached keys and reads its
+    window, its blocks and the sinks (the reference's computation, for these queries only).
+    Returns [B, q_len, H, D]."""
+    from ..ops.reference import _content_pass
+
+    B, H, q_len, D = query.shape
+    Hkv, kv_len = key.shape[1], key.shape[2]
+    q_pos = torch.arange(past, past + q_len, device=query.device)
+    positions = _positions(module, opts, query.device)
+    inv_freq = rope_scale = None
+    if positions is not None:  # content q and k: the cache holds them rotated at their positions
+        query = rotate(query, q_pos, positions.inv_freq, inverse=True)
+        key = rotate(key, torch.arange(kv_len, device=key.device), positions.inv_freq, inverse=True)
+        inv_freq, rope_scale = positions.inv_freq, 1.0
+    gate = gate_of(module, opts)
+    g = None if gate is None else gate[:, -1].reshape(Hkv, H // Hkv, 1, 1)
+    sinks = opts["sinks"]
+    out = _content_pass(last_pass(opts), query.reshape(B, Hkv, H // Hkv, q_len, D), key[:, :, None], value[:, :, None],
+                        g, min(sinks, kv_len), sinks, scale, inv_freq, rope_scale, query_positions=q_pos)
+    return out.reshape(B, H, q_len, D).transpose(1, 2)
 
 
 def last_pass(opts) -> SelectedPass | PooledPass | None:

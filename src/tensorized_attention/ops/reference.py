@@ -235,16 +235,21 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, blo
         return torch.sort(chosen, dim=-1).values, count
 
 
-def _content_pass(step, q, k, values, gate, sink_count, sinks, scale, inv_freq=None, rope_scale=None):
-    """One SelectedPass or PooledPass over the first N positions. q: [B, Hkv, G, N, D]
-    (content: unrotated); k: [B, Hkv, 1, N, D]; values: [B, Hkv, 1 or G, N, D]; inv_freq:
-    rotary frequencies (each key rotated at minus its distance and scaled by rope_scale, the
-    query at 0) or None. Returns [B, Hkv, G, N, D].
+def _content_pass(step, q, k, values, gate, sink_count, sinks, scale, inv_freq=None, rope_scale=None,
+                  query_positions=None):
+    """One SelectedPass or PooledPass. q: [B, Hkv, G, Q, D] (content: unrotated), the
+    queries at ``query_positions`` (default: all N positions, in order); k: [B, Hkv, 1, N,
+    D]; values: [B, Hkv, 1 or G, N, D]; inv_freq: rotary frequencies (each key rotated at
+    minus its distance and scaled by rope_scale, the query at 0) or None. Returns
+    [B, Hkv, G, Q, D].
 
     Each query reads, in one softmax: its window, the pass's own keys (the tokens of its
     selected blocks; or one summary per earlier block), and the sinks in neither."""
-    B, Hkv, G, N, D = q.shape
+    B, Hkv, G, _, D = q.shape
+    N = k.shape[-2]
     W, device = step.block, q.device
+    if query_positions is None:
+        query_positions = torch.arange(N, device=device)
     acc = torch.promote_types(q.dtype, torch.float32)
     n_blocks = N // W
     pooled = isinstance(step, PooledPass)
@@ -256,10 +261,10 @@ def _content_pass(step, q, k, values, gate, sink_count, sinks, scale, inv_freq=N
         k_sum = k[..., : n_blocks * W, :].reshape(B, Hkv, 1, n_blocks, W, D).mean(-2)
         v_sum = values[..., : n_blocks * W, :].reshape(B, Hkv, values.shape[2], n_blocks, W, D).mean(-2)
     outputs = []
-    for start in range(0, N, chunk):
-        p = torch.arange(start, min(start + chunk, N), device=device)  # [Q]
+    for start in range(0, len(query_positions), chunk):
+        p = query_positions[start:start + chunk]  # [Q]
         Q = len(p)
-        qc = q[..., p, :]
+        qc = q[..., start:start + Q, :]
         own = torch.div(p, W, rounding_mode="floor")
         # the window: key p - j at distance j
         win_pos = p[:, None] - window_offsets[None, :]  # [Q, W]
@@ -308,7 +313,7 @@ def _content_pass(step, q, k, values, gate, sink_count, sinks, scale, inv_freq=N
     out = torch.cat(outputs, dim=-2)
     if gate is not None:
         g = gate.to(acc)
-        out = (g * values.to(acc) + (1 - g) * out.to(acc)).to(values.dtype)
+        out = (g * values[..., query_positions, :].to(acc) + (1 - g) * out.to(acc)).to(values.dtype)
     return out
 
 
