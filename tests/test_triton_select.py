@@ -11,7 +11,7 @@ triton = pytest.importorskip("triton")
 
 from oracle import oracle, oracle_with_positions  # noqa: E402
 from tensorized_attention import SelectedPass, TensorPositions, tensorized_attn  # noqa: E402
-from tensorized_attention.ops.triton.select import selected_pass_forward, tile_unions  # noqa: E402
+from tensorized_attention.ops.triton.select import selected_pass, tile_unions  # noqa: E402
 from tensorized_attention.rope import rotate  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -55,7 +55,7 @@ def _inputs(case, dtype):
 def test_forward_matches_reference_and_oracle(case, dtype):
     q, k, values, positions, step, sinks = _inputs(case, dtype)
     scale = q.shape[-1] ** -0.5
-    out = selected_pass_forward(step, q, k, values, sinks=sinks, scale=scale, positions=positions)
+    out = selected_pass(step, q, k, values, sinks=sinks, scale=scale, positions=positions)
     assert out.dtype == dtype and out.shape == q.shape
     # the reference of the same pass (alone): values per kv head are v, per query head a
     # value tensor the fold passes would have left; the oracle takes them as v when per kv head
@@ -138,7 +138,7 @@ def test_gradients_match_the_reference(case):
     Hkv = k.shape[2]
     G = H // Hkv
     scale = D ** -0.5
-    out = selected_pass_forward(step, q, k, values, sinks=sinks, scale=scale, positions=positions)
+    out = selected_pass(step, q, k, values, sinks=sinks, scale=scale, positions=positions)
 
     def internal(x, groups):
         return x.reshape(B, N, x.shape[2] // groups, groups, D).permute(0, 2, 3, 1, 4)
@@ -164,6 +164,6 @@ def test_gradients_match_the_reference(case):
     for name, a, b in zip("qkv", got, ref, strict=True):
         scale_ = b.abs().max().item() + 1.0
         assert (a - b).abs().max().item() <= 1e-4 * scale_, name
-    again = torch.autograd.grad(selected_pass_forward(step, q, k, values, sinks=sinks, scale=scale,
+    again = torch.autograd.grad(selected_pass(step, q, k, values, sinks=sinks, scale=scale,
                                                       positions=positions), (q, k, values), upstream)
     assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))  # a fixed order of sums

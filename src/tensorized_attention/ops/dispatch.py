@@ -224,7 +224,7 @@ def _selected_on_triton(q, k, v, shape, select, positions, options):
     """The fold passes on the Triton backend, then the selected pass's Triton kernels, its
     gate mixed here (all with autograd)."""
     from .triton import tensorized_attn_triton
-    from .triton.select import selected_pass_forward
+    from .triton.select import selected_pass
 
     order, gate = options["order"], options["gate"]
     values = v
@@ -232,7 +232,7 @@ def _selected_on_triton(q, k, v, shape, select, positions, options):
         fold_gate = None if gate is None else gate[:, : len(order)]
         values = tensorized_attn_triton(q, k, v, shape, positions=positions, **{**options, "gate": fold_gate})
     block = max(b for b in (64, 32, 16) if select.block % b == 0)
-    out = selected_pass_forward(select, q, k, values, sinks=options["sinks"], scale=options["softmax_scale"],
+    out = selected_pass(select, q, k, values, sinks=options["sinks"], scale=options["softmax_scale"],
                                 positions=positions, block_m=block, block_n=block)
     if gate is None:
         return out
@@ -289,7 +289,7 @@ def _check_select(select, causal: bool, order: tuple[int, ...], shape: tuple[int
         raise TypeError(f"select must be None, a SelectedPass(block, topk) or a PooledPass(block), "
                         f"got {type(select).__name__}")
     if not causal:
-        raise ValueError("select (a selected pass) is causal only: pass causal=True")
+        raise ValueError("select (a selected or pooled pass) is causal only: pass causal=True")
     if order and fold_size(shape) % select.block:
         raise ValueError(f"select.block ({select.block}) must divide the fold's {fold_size(shape)} positions "
                          f"(shape {shape}), so that its blocks tile the fold; e.g. block = shape[-1] = {shape[-1]}")

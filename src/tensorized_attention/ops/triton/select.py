@@ -52,13 +52,18 @@ def _rotated(q1, q2, A, freq):
 
 
 @triton.jit
+def _halves(base, pos, ok, stride_n, offs_h, h_ok, HALF):
+    """Rows ``pos`` of a [*, D] tensor at ``base``, loaded as their two halves [*, BH]."""
+    rows = base + pos.to(tl.int64)[:, None] * stride_n
+    m = ok[:, None] & h_ok[None, :]
+    return tl.load(rows + offs_h[None, :], mask=m, other=0.0), tl.load(rows + HALF + offs_h[None, :], mask=m, other=0.0)
+
+
+@triton.jit
 def _scores(q1, q2, k_base, pos_k, k_ok, stride_kn, offs_h, h_ok, HALF, scale_log2,
             PRECISION: tl.constexpr):
     """Scores (base 2) of the query halves against keys at pos_k, loaded as two halves."""
-    rows = k_base + pos_k.to(tl.int64)[:, None] * stride_kn
-    m = k_ok[:, None] & h_ok[None, :]
-    k1 = tl.load(rows + offs_h[None, :], mask=m, other=0.0)
-    k2 = tl.load(rows + HALF + offs_h[None, :], mask=m, other=0.0)
+    k1, k2 = _halves(k_base, pos_k, k_ok, stride_kn, offs_h, h_ok, HALF)
     s = tl.dot(q1, tl.trans(k1), input_precision=PRECISION) + tl.dot(q2, tl.trans(k2), input_precision=PRECISION)
     return s * scale_log2
 
@@ -169,14 +174,6 @@ def _select_fwd_kernel(
     out_ptrs = (Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m.to(tl.int64)[:, None] * stride_on
                 + offs_d[None, :])
     tl.store(out_ptrs, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit
-def _halves(base, pos, ok, stride_n, offs_h, h_ok, HALF):
-    """Rows ``pos`` of a [*, D] tensor at ``base``, loaded as their two halves [*, BH]."""
-    rows = base + pos.to(tl.int64)[:, None] * stride_n
-    m = ok[:, None] & h_ok[None, :]
-    return tl.load(rows + offs_h[None, :], mask=m, other=0.0), tl.load(rows + HALF + offs_h[None, :], mask=m, other=0.0)
 
 
 @triton.jit
@@ -467,7 +464,7 @@ def _block_tiles(union, count, n_blocks):
     return (tiles if tiles.numel() else torch.zeros(1, dtype=torch.int32, device=device)), offsets
 
 
-def _meta(q, W, block_m, block_n, n_sinks, R, rope):
+def _meta(q, W, block_m, block_n, R, rope):
     D = q.shape[-1]
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
     return dict(W=W, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
@@ -487,8 +484,7 @@ class _SelectedPass(torch.autograd.Function):
         B, N, H, D = q_content.shape
         out = torch.empty(B, N, H, D, device=q_content.device, dtype=q_content.dtype)
         lse = torch.empty(B * H, N, device=q_content.device, dtype=torch.float32)
-        meta = _meta(q_content, info["W"], info["block_m"], info["block_n"], info["n_sinks"], info["R"],
-                     info["rope"])
+        meta = _meta(q_content, info["W"], info["block_m"], info["block_n"], info["R"], info["rope"])
         grid = (triton.cdiv(N, info["block_m"]) * B * H,)
         _select_fwd_kernel[grid](
             q_window, k_window, q_content, k_block, k_sink, values, sel, union, count, freq, out, lse,
@@ -512,7 +508,7 @@ class _SelectedPass(torch.autograd.Function):
         G = H // Hkv
         dout = dout.contiguous()
         delta = (dout.float() * out.float()).sum(-1).permute(0, 2, 1).reshape(B * H, N).contiguous()
-        meta = _meta(q_content, W, info["block_m"], info["block_n"], S, R, info["rope"])
+        meta = _meta(q_content, W, info["block_m"], info["block_n"], R, info["rope"])
         scale = info["scale"]
         dqw, dqc = torch.empty_like(q_window), torch.empty_like(q_content)
         _select_dq_kernel[(triton.cdiv(N, info["block_m"]) * B * H,)](
@@ -600,7 +596,7 @@ def selected_pass_triton(step, q_window, k_window, q_content, k_content, k_block
     return _SelectedPass.apply(*operands, sel, union, count, freq, info)
 
 
-def selected_pass_forward(step, q, k, values, *, sinks, scale, positions=None, block_m=None, block_n=None):
+def selected_pass(step, q, k, values, *, sinks, scale, positions=None, block_m=None, block_n=None):
     """The selected pass alone on the Triton kernels: q [B, N, H, D], k
     [B, N, Hkv, D] as :func:`tensorized_attention.tensorized_attn` takes them (with
     ``positions``, a :class:`~tensorized_attention.rope.TensorPositions`), values
