@@ -41,9 +41,8 @@ OPTIONS = [
     {"shape": [None, 3, 2], "mode": "complete", "sinks": 1, "relay": True},
 ]
 
-# cached decoding covers the fold passes and a selected or pooled pass alone (not yet a
-# last pass after the fold passes, nor key relay)
-DECODABLE = [o for o in OPTIONS if not any(o.get(x) for x in ("select", "pool", "relay"))] + [
+# cached decoding covers everything but key relay; a last pass alone, after the fold passes
+DECODABLE = [o for o in OPTIONS if not o.get("relay")] + [
     {"shape": [None, 4], "mode": "complete", "order": [], "sinks": 2, "select": {"block": 4, "topk": 2}},
     {"shape": [None, 4], "mode": "complete", "order": [], "sinks": 1, "gate": [0.3], "pool": {"block": 4}},
     {"shape": [None, 4], "mode": "complete", "order": [], "positions": "sequence", "select": {"block": 4, "topk": 1}},
@@ -274,13 +273,11 @@ def test_cached_decoding_other_order_keeps_whole_sequences():
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-6, atol=1e-6)
 
 
-def test_cached_decoding_with_a_selected_pass_after_the_fold_is_refused():
+def test_cached_decoding_with_key_relay_is_refused():
     """A forward with a cache works (the prefill); decoding from it says what is missing."""
-    model = hf.enable(_tiny(dtype=torch.float32), "pilot_select")
-    model.config.tensorized_attention = {**hf.PRESETS["pilot_select"], "shape": [None, 4],
-                                         "select": {"block": 4, "topk": 1}}
+    model = hf.enable(_tiny(dtype=torch.float32), {"shape": [None, 4], "relay": True})
     ids = torch.randint(0, 97, (1, 9))
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
-        with pytest.raises(NotImplementedError, match="cached decoding with a selected or pooled pass after the fold"):
+        with pytest.raises(NotImplementedError, match="cached decoding with key relay"):
             model.generate(ids, max_new_tokens=2, do_sample=False)

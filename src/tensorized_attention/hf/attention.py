@@ -53,6 +53,9 @@ class DecodeState:
     sinks: list[torch.Tensor]  # [B, H, min(S, length), D] each (empty without sinks)
     length: int
     keys_read: list[int] = field(default_factory=list)  # per decoded token: keys read per head, all passes
+    # with a selected or pooled pass after the fold passes: the last fold pass's output at every
+    # position so far ([B, H, length, D]), which that pass reads anywhere; else None
+    last: torch.Tensor | None = None
 
     def read(self, t: int, idx: torch.Tensor) -> torch.Tensor:
         """Output of pass t at positions idx (all within its ring, or sinks): [B, H, len(idx), D]."""
@@ -130,6 +133,8 @@ def register() -> None:
     def each(state, fn):
         state.values = [fn(x) for x in state.values]
         state.sinks = [fn(x) for x in state.sinks]
+        if state.last is not None:
+            state.last = fn(state.last)
 
     def reorder(state, beam_idx, *a, **k):
         each(state, lambda x: x.index_select(0, beam_idx.to(x.device)))
@@ -145,6 +150,8 @@ def register() -> None:
         if keep < state.length and any(r is not None for r in state.ring):
             raise NotImplementedError("tensorized decoding keeps ring buffers: a cache cannot be cropped back")
         state.values = [x[:, :, :keep] for x in state.values]
+        if state.last is not None:
+            state.last = state.last[:, :, :keep]
         state.length = min(state.length, keep)
 
     follow("reorder_cache", reorder)
@@ -315,10 +322,9 @@ def tensorized_attention_forward(module, query, key, value, attention_mask, drop
         return _prefill(module, opts, query, key, value, scale, cache), None
     if last_pass(opts) is not None and opts["order"] is not None and len(opts["order"]) == 0:
         return _decode_last_pass_alone(module, opts, query, key, value, scale, past), None
-    if last_pass(opts) is not None or opts["relay"]:
-        raise NotImplementedError("tensorized attention: cached decoding with a selected or pooled pass after the fold "
-                                  "passes, or with key relay, is not built yet (a selected or pooled pass alone is); "
-                                  "run each step over the whole sequence (use_cache=False)")
+    if opts["relay"]:
+        raise NotImplementedError("tensorized attention: cached decoding with key relay is not built yet; run each "
+                                  "step over the whole sequence (use_cache=False)")
     if cache is None or decode_state(cache, module.layer_idx) is None:
         raise RuntimeError(
             "tensorized attention: the keys hold past tokens but this layer has no decoding state; decode with "
@@ -328,26 +334,9 @@ def tensorized_attention_forward(module, query, key, value, attention_mask, drop
 
 def _decode_last_pass_alone(module, opts, query, key, value, scale, past):
     """Tokens past .. past + q_len - 1 of a selected or pooled pass alone (``order: []``),
-    against the cache: each new query ranks the blocks of the cached keys and reads its
-    window, its blocks and the sinks (the reference's computation, for these queries only).
-    Returns [B, q_len, H, D]."""
-    from ..ops.reference import _content_pass
-
-    B, H, q_len, D = query.shape
-    Hkv, kv_len = key.shape[1], key.shape[2]
-    q_pos = torch.arange(past, past + q_len, device=query.device)
-    positions = _positions(module, opts, query.device)
-    inv_freq = rope_scale = None
-    if positions is not None:  # content q and k: the cache holds them rotated at their positions
-        query = rotate(query, q_pos, positions.inv_freq, inverse=True)
-        key = rotate(key, torch.arange(kv_len, device=key.device), positions.inv_freq, inverse=True)
-        inv_freq, rope_scale = positions.inv_freq, 1.0
-    gate = gate_of(module, opts)
-    g = None if gate is None else gate[:, -1].reshape(Hkv, H // Hkv, 1, 1)
-    sinks = opts["sinks"]
-    out = _content_pass(last_pass(opts), query.reshape(B, Hkv, H // Hkv, q_len, D), key[:, :, None], value[:, :, None],
-                        g, min(sinks, kv_len), sinks, scale, inv_freq, rope_scale, query_positions=q_pos)
-    return out.reshape(B, H, q_len, D).transpose(1, 2)
+    against the cache (it keeps no state of its own). Returns [B, q_len, H, D]."""
+    q_pos = torch.arange(past, past + query.shape[2], device=query.device)
+    return _last_pass_for(module, opts, query, q_pos, key, value, scale, gate_of(module, opts)).transpose(1, 2)
 
 
 def last_pass(opts) -> SelectedPass | PooledPass | None:
@@ -391,11 +380,14 @@ def _prefill(module, opts, query, key, value, scale, cache):
     kwargs = dict(causal=True, mode=opts["mode"], order=order, gate=gate, sinks=opts["sinks"], softmax_scale=scale)
     positions = _positions(module, opts, query.device)
     select = last_pass(opts)
-    if cache is None or select is not None or opts["relay"]:  # training or a plain forward: the fastest backend
+    # training, a plain forward, or a pass that keeps no state (a last pass alone reads the
+    # model's cache; key relay does not decode): the fastest backend
+    if cache is None or opts["relay"] or (select is not None and not order):
         return tensorized_attn(q, k, v, shape, positions=positions, select=select, relay=opts["relay"], **kwargs)
-    out, values = tensorized_attn_reference(q, k, v, shape, positions=positions, return_values=True,
+    out, values = tensorized_attn_reference(q, k, v, shape, positions=positions, return_values=True, select=select,
                                             **{**kwargs, "order": tuple(order)})
     values = [x.transpose(1, 2) for x in values]  # [B, H, N, D]
+    last_fold = values.pop().contiguous() if select is not None else None  # the last pass's input
     st = strides(shape)
     ring = [st[t] if list(order) == list(range(m)) else None for t in range(m - 1)]
     n_sinks = min(opts["sinks"], N)
@@ -410,7 +402,7 @@ def _prefill(module, opts, query, key, value, scale, cache):
         rings.append(buf)
     _states(cache)[module.layer_idx] = DecodeState(
         shape=tuple(shape), values=rings, ring=ring, sinks=[x[:, :, :n_sinks].contiguous() for x in values],
-        length=N, n_sinks=n_sinks)
+        length=N, n_sinks=n_sinks, last=last_fold)
     return out
 
 
@@ -479,10 +471,37 @@ def _decode(module, opts, query, key, value, scale, state: DecodeState, past: in
             if t < m - 1:
                 state.write(t, p, new)
             prev = new
+        if state.last is not None:  # the selected or pooled pass, over the last fold pass's outputs
+            state.last = torch.cat([state.last, prev[:, :, None]], dim=2)
+            q_pos = torch.tensor([p], device=query.device)
+            prev = _last_pass_for(module, opts, query[:, :, i:i + 1], q_pos, key, state.last, scale, gate)[:, :, 0]
         state.length = p + 1
         state.keys_read.append(keys_read)
         outs.append(prev)
     return torch.stack(outs, dim=1)  # [B, q_len, H, D]
+
+
+def _last_pass_for(module, opts, query, q_pos, key, values, scale, gate):
+    """The selected or pooled pass for the queries at q_pos ([B, H, Q, D], rotated at their
+    positions, as the model gives them), reading the cache's keys and ``values`` [B, Hv, N,
+    D] (v, or the last fold pass's outputs); its gate is the last column of ``gate``: the
+    reference's computation for these queries only. Returns [B, H, Q, D]."""
+    from ..ops.reference import _content_pass
+
+    B, H, Q, D = query.shape
+    Hkv, kv_len = key.shape[1], key.shape[2]
+    positions = _positions(module, opts, query.device)
+    inv_freq = rope_scale = None
+    if positions is not None:  # content q and k: the cache holds them rotated at their positions
+        query = rotate(query, q_pos, positions.inv_freq, inverse=True)
+        key = rotate(key, torch.arange(kv_len, device=key.device), positions.inv_freq, inverse=True)
+        inv_freq, rope_scale = positions.inv_freq, 1.0
+    g = None if gate is None else gate[:, -1].reshape(Hkv, H // Hkv, 1, 1)
+    sinks = opts["sinks"]
+    out = _content_pass(last_pass(opts), query.reshape(B, Hkv, H // Hkv, Q, D), key[:, :, None],
+                        values.reshape(B, Hkv, values.shape[1] // Hkv, kv_len, D), g, min(sinks, kv_len), sinks,
+                        scale, inv_freq, rope_scale, query_positions=q_pos)
+    return out.reshape(B, H, Q, D)
 
 
 def _values_at(value, state, t, idx, G):
