@@ -210,6 +210,32 @@ def test_new_lr_is_the_learning_rate_of_the_gate_logits(checkpoint):
         T.TrainConfig(context=32, batch=4, train_tokens=1000, new_lr=0.0).check()
 
 
+def test_retrieval_rows_are_seeded_prompts_over_the_rows_own_text(tokenizer):
+    """--retrieval-share: the last rows of a batch become passkey / multi-key prompts of the
+    same length, filled with the row's own text, seeded by (seed, step, row)."""
+    from tensorized_attention import passkey
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 250, (4, 900), generator=g)
+    out = T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=7)
+    assert out.shape == ids.shape and torch.equal(out[:2], ids[:2]) and not torch.equal(out[2:], ids[2:])
+    for row in (2, 3):
+        text = tokenizer.decode(out[row].tolist())
+        assert passkey.INTRO in text and "pass key" in text
+        kept = set(ids[row].tolist())  # the filler is the row's own text
+        assert sum(t in kept for t in out[row].tolist()) > 0.5 * out.shape[1]
+    assert torch.equal(out, T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=7))
+    assert not torch.equal(out, T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=8))
+    assert torch.equal(T.retrieval_rows(ids, 0.0, tokenizer, seed=1, step=7), ids)
+
+
+def test_retrieval_share_needs_room_for_the_prompt(checkpoint, tokens, tmp_path, capsys):
+    assert main(_argv(checkpoint, tmp_path / "out", "--retrieval-share", "0.5", data=("--tokens", tokens))) == 2
+    assert "--retrieval-share needs --context >= " in capsys.readouterr().err
+    assert main(_argv(checkpoint, tmp_path / "out", "--retrieval-share", "1.5", data=("--tokens", tokens))) == 2
+    assert "--retrieval-share must lie in [0, 1)" in capsys.readouterr().err
+
+
 def test_window_trains_with_its_gate_fixed(checkpoint, tokens, tmp_path):
     """Also under torch.autocast (bfloat16 compute, float32 weights), where the rotation gives
     float32 q and k beside a bfloat16 v: the attention runs in the autocast dtype, as SDPA."""

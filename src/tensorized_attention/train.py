@@ -91,8 +91,8 @@ PRECISIONS = ("auto", "float32", "bf16-autocast", "bfloat16")
 PEAK_TFLOPS_BF16 = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0))
 #: the settings a checkpoint must share with the run that resumes it (they fix the windows
 #: read at each step and the learning rate of each step)
-RUN_KEYS = ("model", "attention", "data", "context", "batch", "train_tokens", "lr", "new_lr", "min_lr_ratio",
-            "warmup", "weight_decay", "clip", "seed")
+RUN_KEYS = ("model", "attention", "data", "context", "batch", "train_tokens", "lr", "new_lr", "retrieval_share",
+            "min_lr_ratio", "warmup", "weight_decay", "clip", "seed")
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
 
@@ -435,6 +435,35 @@ def make_optimizer(model, *, lr: float, weight_decay: float, new_lr: float | Non
     return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS)
 
 
+def retrieval_rows(ids: torch.Tensor, share: float, tokenizer, seed: int, step: int) -> torch.Tensor:
+    """Synthetic retrieval examples in a training batch (``train --retrieval-share``): the
+    last ``round(share * batch)`` rows of ``ids`` [batch, T] become passkey or multi-key
+    prompts of the same T tokens (:mod:`tensorized_attention.passkey`) whose filler is the
+    row's own text; the number of keys (1 to 4), their depths, names and values come from a
+    generator seeded with ``train-retrieval/{seed}/{step}/{row}``, apart from the
+    evaluation's (``passkey/...``, ``multikey/...``). The loss covers every token, as for
+    the other rows."""
+    import random
+
+    from . import passkey
+
+    count = round(share * ids.shape[0])
+    out = ids.clone()
+    for row in range(ids.shape[0] - count, ids.shape[0]):
+        rng = random.Random(f"train-retrieval/{seed}/{step}/{row}")
+        builder = passkey.PromptBuilder(tokenizer, filler_text=ids[row].tolist())
+        keys = rng.randint(1, 4)
+        values = rng.sample(range(passkey.KEY_RANGE[0], passkey.KEY_RANGE[1] + 1), keys)
+        if keys == 1:
+            prompt = builder.build(ids.shape[1], rng.random(), values[0])
+        else:
+            needles = list(zip([rng.random() for _ in range(keys)], rng.sample(passkey.NAMES, keys), values,
+                               strict=True))
+            prompt = builder.build_multi(ids.shape[1], needles, 0)
+        out[row] = torch.tensor(prompt.ids, dtype=ids.dtype)
+    return out
+
+
 def sequence_loss(model, ids: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
     """Mean cross-entropy (nats per predicted token) of windows ``ids`` ``[B, T + 1]``: the
     model reads ``ids[:, :-1]`` (no cache) and predicts ``ids[:, 1:]``; logits in float32."""
@@ -565,6 +594,7 @@ class TrainConfig:
     micro_batch: int = 1
     lr: float = 2e-5
     new_lr: float | None = None
+    retrieval_share: float = 0.0
     min_lr_ratio: float = 0.1
     warmup: float = 0.05
     weight_decay: float = 0.1
@@ -610,6 +640,8 @@ class TrainConfig:
         if self.train_tokens < self.tokens_per_step:
             raise TrainError(f"--train-tokens ({self.train_tokens}) is smaller than one step, --batch x --context = "
                              f"{self.batch} x {self.context} = {self.tokens_per_step} tokens; give at least that")
+        if not 0.0 <= self.retrieval_share < 1.0:
+            raise TrainError(f"--retrieval-share must lie in [0, 1), got {self.retrieval_share}")
         if self.new_lr is not None and not self.new_lr > 0:
             raise TrainError(f"--new-lr must be > 0 (or left out: the same as --lr), got {self.new_lr}")
         if not self.lr > 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -636,7 +668,8 @@ def _run_identity(run: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
         "model": run.get("model"),
         "attention": run.get("attention"),
         "data": {k: data.get(k) for k in ("kind", "split", "sha256", "stream_tokens", "separator")},
-        **{k: settings[k] for k in RUN_KEYS if k in settings},
+        # options added later join the identity only when set, so older checkpoints still resume
+        **{k: settings[k] for k in RUN_KEYS if k in settings and (k not in ("new_lr", "retrieval_share") or settings[k])},
     }
 
 
@@ -683,6 +716,14 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
     from .hf.attention import mean_gates
 
     config.check()
+    if config.retrieval_share:
+        from . import passkey
+
+        needles = [(0.5, name, passkey.KEY_RANGE[1]) for name in sorted(passkey.NAMES, key=len)[-4:]]
+        shortest = passkey.PromptBuilder(tokenizer, filler_text=[0, 0]).min_length_multi(needles, 0)
+        if config.context + 1 < shortest:
+            raise TrainError(f"--retrieval-share needs --context >= {shortest - 1}: a prompt with four keys does not "
+                             f"fit {config.context + 1} tokens")
     run = dict(run or {})
     invocation_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -778,7 +819,10 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
     while step < steps:
         t0 = time.perf_counter()
         starts = window_starts(config.seed, step, config.batch, len(stream), config.context + 1)
-        ids = stream.windows(starts, config.context + 1).to(device)
+        ids = stream.windows(starts, config.context + 1)
+        if config.retrieval_share:
+            ids = retrieval_rows(ids, config.retrieval_share, tokenizer, config.seed, step)
+        ids = ids.to(device)
         lr = lr_at(step, steps=steps, warmup=warmup, peak=config.lr, min_ratio=config.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -950,6 +994,9 @@ def add_arguments(p) -> None:
     p.add_argument("--new-lr", type=float, default=None,
                    help="peak learning rate of the parameters tensorized attention adds (the gate logits); "
                         "default: --lr")
+    p.add_argument("--retrieval-share", type=float, default=0.0,
+                   help="share of each batch replaced by synthetic passkey / multi-key prompts over the batch's own "
+                        "text (keys apart from the evaluation's); 0: none")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to this times --lr")
     p.add_argument("--warmup", type=float, default=0.05,
                    help="linear warmup: steps (>= 1), or a fraction of the steps (< 1)")
@@ -998,7 +1045,8 @@ def run(args, command: str) -> int:
         return fail(f"--attention: {err}")
     config = TrainConfig(
         context=args.context, batch=args.batch, train_tokens=args.train_tokens, micro_batch=args.micro_batch,
-        lr=args.lr, new_lr=args.new_lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup, weight_decay=args.weight_decay,
+        lr=args.lr, new_lr=args.new_lr, retrieval_share=args.retrieval_share, min_lr_ratio=args.min_lr_ratio,
+        warmup=args.warmup, weight_decay=args.weight_decay,
         clip=args.clip, seed=args.seed, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
         eval_every=args.eval_every, eval_windows=args.eval_windows, peak_tflops=args.peak_tflops,
