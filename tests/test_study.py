@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from tensorized_attention import corpus, models, study  # noqa: E402
+from tensorized_attention import corpus, hf, models, setups, study  # noqa: E402
 from tensorized_attention.cli import main  # noqa: E402
 from tiny_model import TEXT, save_tiny_checkpoint  # noqa: E402
 
@@ -47,10 +48,13 @@ def test_every_configuration_has_its_commands(setup, tmp_path):
     root, checkpoint = setup
     parser = argparse.ArgumentParser()
     study.add_arguments(parser)
-    for name, config in study.CONFIGS.items():
+    for name, config in study.ALL_CONFIGS.items():
         args = parser.parse_args(_args(root, checkpoint)[2:] + ["--config", name, "--work", str(tmp_path)])
         commands = study.study_commands(name, args)
         assert [c[0] for c in commands] == (["train"] if config.train else []) + ["perplexity", "passkey"]
+        setup = setups.parse_attention(config.attention)  # every setup string parses, its options validate
+        if setup.kind == "tensorized":
+            hf.options_of(SimpleNamespace(tensorized_attention=setup.options))
         assert all(c[c.index("--attention") + 1] == config.attention for c in commands)
         evaluated = commands[-1][commands[-1].index("--model") + 1]
         assert evaluated == (str(tmp_path / name / "train" / "final") if config.train else str(checkpoint))
@@ -58,6 +62,12 @@ def test_every_configuration_has_its_commands(setup, tmp_path):
     args = parser.parse_args(_args(root, checkpoint)[2:] + ["--config", "pilot", "--eval-score-last", "1024"])
     perplexity = study.study_commands("pilot", args)[-2]
     assert perplexity[0] == "perplexity" and perplexity[perplexity.index("--score-last") + 1] == "1024"
+    # --multikey K: the multi-key task, a passkey command of its own stage
+    args = parser.parse_args(_args(root, checkpoint)[2:] + ["--config", "select", "--multikey", "4"])
+    commands = study.study_commands("select", args)
+    assert [study.stage_of(c) for c in commands] == ["perplexity", "passkey", "multikey"]
+    assert commands[-1][0] == "passkey" and commands[-1][commands[-1].index("--keys") + 1] == "4"
+    assert commands[-1][-1].endswith("multikey")
 
 
 def test_study_trains_then_evaluates_the_trained_model(setup, capsys):

@@ -11,7 +11,11 @@ order and in one process, the commands a user would type (each writes its own JS
    call's time runs over several calls), skipped when ``final/`` is there;
 2. ``perplexity`` on the corpus' test split at every ``--eval-lengths`` (the same long
    documents at every length), ``OUT/NAME/perplexity.json``;
-3. ``passkey`` at ``--passkey-lengths``, ``OUT/NAME/passkey.json`` and a heat map.
+3. ``passkey`` at ``--passkey-lengths``, ``OUT/NAME/passkey.json`` and a heat map;
+4. with ``--multikey K``, the multi-key task at the same lengths, ``OUT/NAME/multikey/``.
+
+The configurations: :data:`CONFIGS` (the long-context study, docs/results.md) and
+:data:`RETRIEVAL_CONFIGS` (the content-addressed passes, docs/retrieval.md).
 
 The evaluated model is the trained one (``WORK/NAME/train/final``) or the model as shipped.
 ``--stages`` runs some of the three (e.g. ``--stages train`` when one call of limited time
@@ -27,9 +31,9 @@ import shlex
 import shutil
 from dataclasses import dataclass
 
-__all__ = ["CONFIGS", "Config", "STAGES", "study_commands"]
+__all__ = ["ALL_CONFIGS", "CONFIGS", "Config", "RETRIEVAL_CONFIGS", "STAGES", "stage_of", "study_commands"]
 
-STAGES = ("train", "perplexity", "passkey")
+STAGES = ("train", "perplexity", "passkey", "multikey")
 TENSOR_FOLD = '{"shape": [null, 256], "mode": "%s", "order": [0, 1], "positions": "tensor"}'
 
 
@@ -58,10 +62,27 @@ CONFIGS: dict[str, Config] = {
                      "sliding window of 256 keys + 4 sinks, tensor positions, trained (the control)"),
 }
 
+_PILOT = '"shape": [null, 256], "mode": "complete", "order": [0, 1], "positions": "tensor", "sinks": 4'
+
+#: The configurations of the retrieval study (docs/retrieval.md): each content-addressed
+#: option on top of ``pilot`` (with ``pilot`` and ``window`` above as the references).
+RETRIEVAL_CONFIGS: dict[str, Config] = {
+    "select": Config("tensorized:select", False,
+                     "window 256 + 4 sinks + the top-2 earlier 256-token blocks (DESIGN.md §8), as shipped"),
+    "select-trained": Config("tensorized:select", True, "the same, trained"),
+    "pilot-select": Config("tensorized:pilot_select", True, "pilot + a gated selected pass (top-2 of 256), trained"),
+    "pilot-pool": Config('tensorized:{' + _PILOT + ', "gate": [0.88, null, 0.88], "pool": {"block": 256}}', True,
+                         "pilot + a gated pooled pass (one summary per 256-token block), trained"),
+    "pilot-relay": Config('tensorized:{' + _PILOT + ', "gate": [0.88, null], "relay": true}', True,
+                          "pilot with key relay, trained"),
+}
+
+ALL_CONFIGS: dict[str, Config] = {**CONFIGS, **RETRIEVAL_CONFIGS}
+
 
 def study_commands(name: str, args: argparse.Namespace) -> list[list[str]]:
     """The command lines (argv of ``tensorized-attention``) of configuration ``name``."""
-    config = CONFIGS[name]
+    config = ALL_CONFIGS[name]
     out = os.path.join(args.out, name)
     work = os.path.join(args.work, name)
     common = ["--attention", config.attention, "--device", args.device]
@@ -84,16 +105,24 @@ def study_commands(name: str, args: argparse.Namespace) -> list[list[str]]:
                      "--context", args.eval_lengths, "--max-windows", str(args.eval_windows),
                      *(["--score-last", str(args.eval_score_last)] if args.eval_score_last else []),
                      "--out", os.path.join(out, "perplexity.json")])
-    commands.append(["passkey", "--model", model, *common, "--lengths", args.passkey_lengths,
-                     "--depths", str(args.depths), "--trials", str(args.trials), "--seed", str(args.seed),
-                     "--out", os.path.join(out, "passkey")])
+    passkey = ["--model", model, *common, "--lengths", args.passkey_lengths, "--depths", str(args.depths),
+               "--trials", str(args.trials), "--seed", str(args.seed)]
+    commands.append(["passkey", *passkey, "--out", os.path.join(out, "passkey")])
+    if args.multikey:
+        commands.append(["passkey", *passkey, "--keys", str(args.multikey), "--out", os.path.join(out, "multikey")])
     return commands
+
+
+def stage_of(argv: list[str]) -> str:
+    """The stage a command of :func:`study_commands` belongs to (the multi-key task is a
+    ``passkey`` command with ``--keys``)."""
+    return "multikey" if argv[0] == "passkey" and "--keys" in argv else argv[0]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``tensorized-attention study``."""
-    p.add_argument("--config", required=True, choices=sorted(CONFIGS),
-                   help="; ".join(f"{k}: {c.description}" for k, c in CONFIGS.items()))
+    p.add_argument("--config", required=True, choices=sorted(ALL_CONFIGS),
+                   help="; ".join(f"{k}: {c.description}" for k, c in ALL_CONFIGS.items()))
     p.add_argument("--data", required=True, help="a corpus built by 'tensorized-attention corpus'")
     p.add_argument("--model", default="smollm2-135m", help="the pretrained model")
     p.add_argument("--context", type=int, default=32768, help="training context")
@@ -108,6 +137,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="perplexity over the same last T tokens of windows that end together, at every "
                         "length (perplexity --score-last); default: whole windows")
     p.add_argument("--passkey-lengths", default="8k,32k,128k", help="passkey prompt lengths")
+    p.add_argument("--multikey", type=int, default=0, metavar="K",
+                   help="also the multi-key task with K keys at the passkey lengths (OUT/NAME/multikey/); 0: not")
     p.add_argument("--depths", type=int, default=5, help="passkey depths per length")
     p.add_argument("--trials", type=int, default=2, help="passkey trials per (length, depth)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -138,7 +169,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     from .cli import PROG, main
 
     for argv in study_commands(args.config, args):
-        if argv[0] not in args.stages:
+        if stage_of(argv) not in args.stages:
             continue
         print("$ " + shlex.join([PROG, *argv]), flush=True)
         if args.dry_run:
