@@ -217,7 +217,10 @@ class PromptBuilder:
             return self.filler(count)
         text = self.filler_text
         start = offset % len(text)
-        ids = (text[start:] + text * (1 + count // len(text)))[:count]
+        if start + count <= len(text):
+            ids = text[start:start + count]
+        else:  # wrap around
+            ids = (text[start:] + text * (1 + count // len(text)))[:count]
         return ids, list(range(1, count))
 
     def build(self, length: int, depth: float, key: int, *, filler_offset: int = 0) -> PasskeyPrompt:
