@@ -167,3 +167,17 @@ def test_gradients_match_the_reference(case):
     again = torch.autograd.grad(selected_pass(step, q, k, values, sinks=sinks, scale=scale,
                                                       positions=positions), (q, k, values), upstream)
     assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))  # a fixed order of sums
+
+
+def test_auto_keeps_the_reference_until_the_kernels_pass_on_a_gpu(monkeypatch):
+    """backend="auto" runs the selected pass on its kernels only once SELECTED_PASS_AUTO_TRITON
+    is set; backend="triton" runs them whatever it says."""
+    from tensorized_attention.ops import dispatch
+
+    q = torch.zeros(1, 8, 2, 32)
+    step = SelectedPass(16, 2)
+    assert dispatch._reference_only(step, False, q, "triton") is None
+    assert "not yet by default" in dispatch._reference_only(step, False, q, "auto")
+    monkeypatch.setattr(dispatch, "SELECTED_PASS_AUTO_TRITON", True)
+    assert dispatch._reference_only(step, False, q, "auto") is None
+    assert "multiple of 16" in dispatch._reference_only(SelectedPass(12, 2), False, q, "triton")
