@@ -50,6 +50,34 @@ def _inputs(case, dtype):
     return (*(x.to(DEVICE, dtype) for x in (q, k, values)), positions, SelectedPass(W, topk), sinks)
 
 
+def _reference_pass(step, q, k, values, positions, sinks, scale):
+    """The reference's own selected pass on the same operands ([B, N, *, D] in and out),
+    values per kv head or per query head."""
+    from tensorized_attention.ops.reference import _content_pass
+
+    B, N, H, D = q.shape
+    Hkv = k.shape[2]
+
+    def internal(x, groups):
+        return x.reshape(B, N, x.shape[2] // groups, groups, D).permute(0, 2, 3, 1, 4)
+
+    q_c, k_c, inv_freq, rope_scale = q, k, None, None
+    if positions is not None:
+        pos = torch.arange(N, device=q.device)
+        if positions.rotated:
+            q_c, k_c = (rotate(x.transpose(1, 2), pos, positions.inv_freq, inverse=True).transpose(1, 2)
+                        for x in (q, k))
+            rope_scale = 1.0
+        else:
+            rope_scale = positions.attention_scaling
+        q_c = (q_c.float() * rope_scale).to(q.dtype)
+        inv_freq = positions.inv_freq
+    value_groups = 1 if values.shape[2] == Hkv else H // Hkv
+    out = _content_pass(step, internal(q_c, H // Hkv), internal(k_c, 1), internal(values, value_groups), None,
+                        min(sinks, N), sinks, scale, inv_freq, rope_scale)
+    return out.permute(0, 3, 1, 2, 4).reshape(B, N, H, D)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []), ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_forward_matches_reference_and_oracle(case, dtype):
@@ -71,29 +99,7 @@ def test_forward_matches_reference_and_oracle(case, dtype):
         tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
         assert err <= 2 * err_ref + tol, f"error {err:.3g} against the oracle, reference {err_ref:.3g}"
     else:  # values per query head: against the reference's own pass on those values
-        from tensorized_attention.ops.reference import _content_pass
-
-        B, N, H, D = q.shape
-        Hkv = k.shape[2]
-        G = H // Hkv
-
-        def internal(x, groups):
-            return x.reshape(B, N, x.shape[2] // groups, groups, D).permute(0, 2, 3, 1, 4)
-
-        q_c, k_c, inv_freq, rope_scale = q, k, None, None
-        if positions is not None:
-            pos = torch.arange(N, device=q.device)
-            if positions.rotated:
-                q_c, k_c = (rotate(x.transpose(1, 2), pos, positions.inv_freq, inverse=True).transpose(1, 2)
-                            for x in (q, k))
-                rope_scale = 1.0
-            else:
-                rope_scale = positions.attention_scaling
-            q_c = (q_c.float() * rope_scale).to(q.dtype)
-            inv_freq = positions.inv_freq
-        want = _content_pass(step, internal(q_c, G), internal(k_c, 1), internal(values, G), None, min(sinks, N),
-                             sinks, scale, inv_freq, rope_scale)
-        want = want.permute(0, 3, 1, 2, 4).reshape(B, N, H, D)
+        want = _reference_pass(step, q, k, values, positions, sinks, scale)
         tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
         assert (out.double() - want.double()).abs().max().item() <= tol
 
@@ -130,33 +136,11 @@ def test_operator_runs_the_kernel_without_gradients(alone):
 def test_gradients_match_the_reference(case):
     """dq, dk, dv through the Triton forward and backward equal the reference's autograd
     (float32), for values per kv head and per query head, with and without positions."""
-    from tensorized_attention.ops.reference import _content_pass
-
     q, k, values, positions, step, sinks = _inputs(case, torch.float32)
     q, k, values = (x.detach().requires_grad_() for x in (q, k, values))
-    B, N, H, D = q.shape
-    Hkv = k.shape[2]
-    G = H // Hkv
-    scale = D ** -0.5
+    scale = q.shape[-1] ** -0.5
     out = selected_pass(step, q, k, values, sinks=sinks, scale=scale, positions=positions)
-
-    def internal(x, groups):
-        return x.reshape(B, N, x.shape[2] // groups, groups, D).permute(0, 2, 3, 1, 4)
-
-    q_c, k_c, inv_freq, rope_scale = q, k, None, None
-    if positions is not None:
-        pos = torch.arange(N, device=q.device)
-        if positions.rotated:
-            q_c, k_c = (rotate(x.transpose(1, 2), pos, positions.inv_freq, inverse=True).transpose(1, 2)
-                        for x in (q, k))
-            rope_scale = 1.0
-        else:
-            rope_scale = positions.attention_scaling
-        q_c = q_c * rope_scale
-        inv_freq = positions.inv_freq
-    value_groups = 1 if values.shape[2] == Hkv else G
-    want = _content_pass(step, internal(q_c, G), internal(k_c, 1), internal(values, value_groups), None,
-                         min(sinks, N), sinks, scale, inv_freq, rope_scale).permute(0, 3, 1, 2, 4).reshape(B, N, H, D)
+    want = _reference_pass(step, q, k, values, positions, sinks, scale)
     assert (out - want).abs().max().item() < 1e-4
     upstream = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, values), upstream)

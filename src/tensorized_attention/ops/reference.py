@@ -208,22 +208,29 @@ def _mix_sinks(weights: torch.Tensor, sink_values: torch.Tensor) -> torch.Tensor
 SELECT_CHUNK_ELEMENTS = 1 << 27
 
 
-def select_blocks(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, block: int, topk: int,
+def block_means(k: torch.Tensor, block: int) -> torch.Tensor:
+    """The mean key of every whole block of ``k [B, Hkv, 1, N, D]``: ``[B, Hkv, N // block,
+    D]``, in float32 (float64 for float64 keys); what the selected pass ranks blocks by."""
+    B, Hkv, _, N, D = k.shape
+    n_blocks = N // block
+    acc = torch.promote_types(k.dtype, torch.float32)
+    with torch.no_grad():
+        return k[:, :, 0, : n_blocks * block].to(acc).reshape(B, Hkv, n_blocks, block, D).mean(-2)
+
+
+def select_blocks(q: torch.Tensor, means: torch.Tensor, positions: torch.Tensor, block: int, topk: int,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks each query selects (SelectedPass): q ``[B, Hkv, G, Q, D]`` (content, at
-    ``positions [Q]``), k ``[B, Hkv, 1, N, D]``. Returns the selected block indices in
-    increasing order ``[B, Hkv, G, Q, r_max]`` and how many each query has, ``[Q]``
-    (slots ``>= r`` hold an index past the last block)."""
-    n_blocks = k.shape[-2] // block
+    ``positions [Q]``), the blocks' mean keys ``[B, Hkv, n_blocks, D]`` (:func:`block_means`).
+    Returns the selected block indices in increasing order ``[B, Hkv, G, Q, r_max]`` and how
+    many each query has, ``[Q]`` (slots ``>= r`` hold an index past the last block)."""
+    n_blocks = means.shape[-2]
     r_max = min(topk, n_blocks)
-    acc = torch.promote_types(q.dtype, torch.float32)
     count = torch.clamp(torch.div(positions, block, rounding_mode="floor"), max=r_max)
     if r_max == 0:
         return positions.new_zeros((*q.shape[:-1], 0)), count
     with torch.no_grad():
-        B, Hkv, _, _, D = k.shape
-        means = k[:, :, 0, : n_blocks * block].to(acc).reshape(B, Hkv, n_blocks, block, D).mean(-2)
-        scores = torch.einsum("bhgqd,bhnd->bhgqn", q.to(acc), means) * scale
+        scores = torch.einsum("bhgqd,bhnd->bhgqn", q.to(means.dtype), means) * scale
         own = torch.div(positions, block, rounding_mode="floor")
         candidate = torch.arange(n_blocks, device=q.device)[None, :] < own[:, None]  # [Q, n_blocks]
         scores = scores.masked_fill(~candidate, float("-inf"))
@@ -260,6 +267,8 @@ def _content_pass(step, q, k, values, gate, sink_count, sinks, scale, inv_freq=N
     if pooled:  # one summary per whole block: the mean key and the mean value
         k_sum = k[..., : n_blocks * W, :].reshape(B, Hkv, 1, n_blocks, W, D).mean(-2)
         v_sum = values[..., : n_blocks * W, :].reshape(B, Hkv, values.shape[2], n_blocks, W, D).mean(-2)
+    else:
+        means = block_means(k, W)  # once: every chunk of queries ranks against them
     outputs = []
     for start in range(0, len(query_positions), chunk):
         p = query_positions[start:start + chunk]  # [Q]
@@ -278,7 +287,7 @@ def _content_pass(step, q, k, values, gate, sink_count, sinks, scale, inv_freq=N
             x_dist, count, blocks = None, None, None
             sink_base = torch.full((Q,), W, device=device)
         else:  # the selected blocks, placed just before the window in their order
-            blocks, count = select_blocks(qc, k, p, W, step.topk, scale)  # [B, Hkv, G, Q, R], [Q]
+            blocks, count = select_blocks(qc, means, p, W, step.topk, scale)  # [B, Hkv, G, Q, R], [Q]
             R = blocks.shape[-1]
             slot = torch.arange(R, device=device)[:, None]
             chosen = slot < count[:, None, None]  # [Q, R, 1]

@@ -69,6 +69,37 @@ def _scores(q1, q2, k_base, pos_k, k_ok, stride_kn, offs_h, h_ok, HALF, scale_lo
 
 
 @triton.jit
+def _window_tile(k_base, v_base, start, hi, offs_m, offs_d, d_ok, stride_kn, stride_vn, W,
+                 BLOCK_N: tl.constexpr):
+    """Keys and values start .. start + BLOCK_N - 1 (below hi) of a query tile's window, and
+    which (row, key) pairs the window holds (0 <= p - p' < W)."""
+    offs_k = start + tl.arange(0, BLOCK_N)
+    k_ok = offs_k < hi
+    rows = offs_k.to(tl.int64)[:, None]
+    m = k_ok[:, None] & d_ok[None, :]
+    kt = tl.load(k_base + rows * stride_kn + offs_d[None, :], mask=m, other=0.0)
+    vt = tl.load(v_base + rows * stride_vn + offs_d[None, :], mask=m, other=0.0)
+    dist = offs_m[:, None] - offs_k[None, :]
+    return kt, vt, (dist >= 0) & (dist < W) & k_ok[None, :]
+
+
+@triton.jit
+def _row_selections(SEL, bh, offs_m, m_ok, N, R, RC, BLOCK_R: tl.constexpr):
+    """The blocks rows offs_m selected, [BM, BLOCK_R] (padding BIG); RC: SEL's row length."""
+    offs_r = tl.arange(0, BLOCK_R)
+    return tl.load(SEL + bh.to(tl.int64) * N * RC + offs_m.to(tl.int64)[:, None] * RC + offs_r[None, :],
+                   mask=m_ok[:, None] & (offs_r[None, :] < R), other=2**30)
+
+
+@triton.jit
+def _block_rank(sel, blk, r, W):
+    """Which rows selected block blk, and the angle A = (r - i + 1) W - 1 at which each row
+    sees it (i: its place among the row's r selections)."""
+    has = tl.sum((sel == blk).to(tl.int32), 1) > 0
+    return has, (r - tl.sum((sel < blk).to(tl.int32), 1) + 1) * W - 1
+
+
+@triton.jit
 def _select_fwd_kernel(
     QW, KW, QC, KB, KS, V, SEL, UNI, UCNT, FREQ, Out, Lse,
     stride_qb, stride_qn, stride_qh,
@@ -112,20 +143,13 @@ def _select_fwd_kernel(
     lo = (tl.maximum(a0 - W + 1, 0) // BLOCK_N) * BLOCK_N
     hi = tl.minimum(a0 + BLOCK_M, N)
     for start in range(lo, hi, BLOCK_N):
-        offs_k = start + tl.arange(0, BLOCK_N)
-        k_ok = offs_k < hi
-        kv_rows = offs_k.to(tl.int64)[:, None]
-        kt = tl.load(k_base_w + kv_rows * stride_kn + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        vt = tl.load(v_base + kv_rows * stride_vn + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        kt, vt, allowed = _window_tile(k_base_w, v_base, start, hi, offs_m, offs_d, d_ok, stride_kn, stride_vn, W,
+                                       BLOCK_N)
         s = tl.dot(qw, tl.trans(kt), input_precision=PRECISION) * scale_log2
-        dist = offs_m[:, None] - offs_k[None, :]
-        allowed = (dist >= 0) & (dist < W) & k_ok[None, :]
         acc, m_i, l_i = _online_softmax(acc, m_i, l_i, tl.where(allowed, s, float("-inf")), vt, PRECISION)
 
     # the rows' selected blocks [BM, BLOCK_R] (padding: BIG), and the content query halves
-    offs_r = tl.arange(0, BLOCK_R)
-    sel = tl.load(SEL + bh.to(tl.int64) * N * RC + offs_m.to(tl.int64)[:, None] * RC + offs_r[None, :],
-                  mask=q_ok[:, None] & (offs_r[None, :] < R), other=2**30)
+    sel = _row_selections(SEL, bh, offs_m, q_ok, N, R, RC, BLOCK_R)
     qm = q_ok[:, None] & h_ok[None, :]
     q1 = tl.load(QC + q_rows + offs_h[None, :], mask=qm, other=0.0)
     q2 = tl.load(QC + q_rows + HALF + offs_h[None, :], mask=qm, other=0.0)
@@ -154,10 +178,9 @@ def _select_fwd_kernel(
     n_union = tl.load(UCNT + bh.to(tl.int64) * tl.cdiv(N, BLOCK_M) + tile)
     for u in range(0, n_union):
         blk = tl.load(UNI + (bh.to(tl.int64) * tl.cdiv(N, BLOCK_M) + tile) * U + u)
-        has = tl.sum((sel == blk).to(tl.int32), 1) > 0
-        rank = tl.sum((sel < blk).to(tl.int32), 1)
+        has, angle = _block_rank(sel, blk, r, W)
         if ROPE:
-            qb1, qb2 = _rotated(q1, q2, (r - rank + 1) * W - 1, freq)
+            qb1, qb2 = _rotated(q1, q2, angle, freq)
         else:
             qb1, qb2 = q1, q2
         for j0 in range(0, W, BLOCK_N):
@@ -221,23 +244,16 @@ def _select_dq_kernel(
     lo = (tl.maximum(a0 - W + 1, 0) // BLOCK_N) * BLOCK_N
     hi = tl.minimum(a0 + BLOCK_M, N)
     for start in range(lo, hi, BLOCK_N):
-        offs_k = start + tl.arange(0, BLOCK_N)
-        k_ok = offs_k < hi
-        kv_rows = offs_k.to(tl.int64)[:, None]
-        kt = tl.load(k_base_w + kv_rows * stride_kn + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        vt = tl.load(v_base + kv_rows * stride_vn + offs_d[None, :], mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        kt, vt, allowed = _window_tile(k_base_w, v_base, start, hi, offs_m, offs_d, d_ok, stride_kn, stride_vn, W,
+                                       BLOCK_N)
         s = tl.dot(qw, tl.trans(kt), input_precision=PRECISION) * scale_log2
-        dist = offs_m[:, None] - offs_k[None, :]
-        allowed = (dist >= 0) & (dist < W) & k_ok[None, :] & q_ok[:, None]
-        p = tl.where(allowed, tl.math.exp2(s - lse[:, None]), 0.0)
+        p = tl.where(allowed & q_ok[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(vt), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dqw += tl.dot(ds.to(kt.dtype), kt, input_precision=PRECISION)
     tl.store(DQW + q_rows + offs_d[None, :], (dqw * scale).to(DQW.dtype.element_ty), mask=qd)
 
-    offs_r = tl.arange(0, BLOCK_R)
-    sel = tl.load(SEL + bh.to(tl.int64) * N * RC + offs_m.to(tl.int64)[:, None] * RC + offs_r[None, :],
-                  mask=q_ok[:, None] & (offs_r[None, :] < R), other=2**30)
+    sel = _row_selections(SEL, bh, offs_m, q_ok, N, R, RC, BLOCK_R)
     q1, q2 = _halves(QC + b.to(tl.int64) * stride_qb + h * stride_qh, offs_m, q_ok, stride_qn, offs_h, h_ok, HALF)
     freq = tl.load(FREQ + offs_h, mask=h_ok, other=0.0)
     dq1 = tl.zeros([BLOCK_M, BLOCK_H], tl.float32)
@@ -274,8 +290,7 @@ def _select_dq_kernel(
     n_union = tl.load(UCNT + bh.to(tl.int64) * tl.cdiv(N, BLOCK_M) + tile)
     for u in range(0, n_union):
         blk = tl.load(UNI + (bh.to(tl.int64) * tl.cdiv(N, BLOCK_M) + tile) * U + u)
-        has = tl.sum((sel == blk).to(tl.int32), 1) > 0
-        angle = (r - tl.sum((sel < blk).to(tl.int32), 1) + 1) * W - 1
+        has, angle = _block_rank(sel, blk, r, W)
         if ROPE:
             qb1, qb2 = _rotated(q1, q2, angle, freq)
         else:
@@ -371,7 +386,6 @@ def _select_dkdv_kernel(
         kb1, kb2 = _halves(KB + b.to(tl.int64) * stride_kb + (h // GROUP) * stride_kh, offs_k, k_ok, stride_kn,
                            offs_h, h_ok, HALF)
         freq = tl.load(FREQ + offs_h, mask=h_ok, other=0.0)
-        offs_r = tl.arange(0, BLOCK_R)
         e0 = tl.load(OFFS + bh.to(tl.int64) * n_blocks + blk)
         e1 = tl.load(OFFS + bh.to(tl.int64) * n_blocks + blk + 1)
         for e in range(e0, e1):
@@ -379,10 +393,7 @@ def _select_dkdv_kernel(
             r = tl.minimum(a0 // W, R)
             offs_m = a0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < N
-            sel = tl.load(SEL + bh.to(tl.int64) * N * RC + offs_m.to(tl.int64)[:, None] * RC + offs_r[None, :],
-                          mask=m_ok[:, None] & (offs_r[None, :] < R), other=2**30)
-            has = tl.sum((sel == blk).to(tl.int32), 1) > 0
-            angle = (r - tl.sum((sel < blk).to(tl.int32), 1) + 1) * W - 1
+            has, angle = _block_rank(_row_selections(SEL, bh, offs_m, m_ok, N, R, RC, BLOCK_R), blk, r, W)
             q1, q2 = _halves(QC + q_head, offs_m, m_ok, stride_qn, offs_h, h_ok, HALF)
             if ROPE:
                 q1, q2 = _rotated(q1, q2, angle, freq)
@@ -427,7 +438,7 @@ def _selections(step, q_content, k_content, scale, block_m):
     """Which blocks each query selects (the reference's ranking, over chunks of queries),
     for the kernels: the rows' selections [B, H, N, max(R, 1)] (padding BIG), the tiles'
     unions and their sizes, and R = min(topk, N // block)."""
-    from ..reference import select_blocks
+    from ..reference import block_means, select_blocks
 
     B, N, H, D = q_content.shape
     Hkv = k_content.shape[2]
@@ -435,11 +446,11 @@ def _selections(step, q_content, k_content, scale, block_m):
     n_blocks = N // W
     R = min(step.topk, n_blocks)
     qc = q_content.reshape(B, N, Hkv, H // Hkv, D).permute(0, 2, 3, 1, 4)
-    kc = k_content.permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, N, D]
+    means = block_means(k_content.permute(0, 2, 1, 3)[:, :, None], W)  # [B, Hkv, n_blocks, D]
     chunks = []
     for start in range(0, N, 16384):
         p = torch.arange(start, min(start + 16384, N), device=q_content.device)
-        chunks.append(select_blocks(qc[..., start:start + len(p), :], kc, p, W, step.topk, scale)[0])
+        chunks.append(select_blocks(qc[..., start:start + len(p), :], means, p, W, step.topk, scale)[0])
     blocks = torch.cat(chunks, dim=-2).reshape(B, H, N, R)
     union, count = tile_unions(blocks, n_blocks, block_m)
     sel = torch.full((B, H, N, max(R, 1)), BIG, dtype=torch.int32, device=q_content.device)
@@ -613,11 +624,12 @@ def selected_pass(step, q, k, values, *, sinks, scale, positions=None, block_m=N
     def rot(x, at, **kw):  # [B, N, Hx, D] rotated at positions `at` [N]
         return rotate(x.transpose(1, 2), at, positions.inv_freq, **kw).transpose(1, 2).contiguous()
 
-    if positions.rotated:  # a Hugging Face layer's q and k: rotated at 0 .. N-1, scaled
+    if positions.rotated:  # a Hugging Face layer's q and k: rotated at 0 .. N-1 and scaled, the window's own
         q_content, k_content, rope_scale = rot(q, pos, inverse=True), rot(k, pos, inverse=True), 1.0
+        q_window, k_window = q, k
     else:
         q_content, k_content, rope_scale = q, k, positions.attention_scaling
-    q_window, k_window = rot(q_content, pos, scale=rope_scale), rot(k_content, pos, scale=rope_scale)
+        q_window, k_window = rot(q_content, pos, scale=rope_scale), rot(k_content, pos, scale=rope_scale)
     k_block = rot(k_content, pos % step.block, scale=rope_scale)
     k_sink = rot(k_content[:, :n_sinks], pos[:n_sinks], scale=rope_scale)
     q_content = (q_content.to(torch.float32) * rope_scale).to(q.dtype).contiguous()
