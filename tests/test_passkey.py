@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 import re
 from types import SimpleNamespace
 
@@ -131,7 +132,9 @@ def test_bos_when_the_tokenizer_adds_one(tokenizer):
 def test_keys_are_seeded_five_digit_and_stable_per_cell():
     plan = passkey.plan_trials([256, 512], [0.0, 0.5, 1.0], 3, seed=7)
     assert len(plan) == 18 and len({t.key for t in plan}) > 12
-    assert all(10000 <= t.key <= 99999 for t in plan)
+    assert all(10000 <= t.key <= 99999 and t.key % 2 == 1 for t in plan)  # odd: training's keys are even
+    rng = random.Random(0)
+    assert all(10000 <= k <= 99998 and k % 2 == 0 for k in (passkey.draw_key(rng, training=True) for _ in range(200)))
     assert plan == passkey.plan_trials([256, 512], [0.0, 0.5, 1.0], 3, seed=7)
     assert [t.key for t in plan] != [t.key for t in passkey.plan_trials([256, 512], [0.0, 0.5, 1.0], 3, seed=8)]
     more = passkey.plan_trials([128, 512], [0.5], 3, seed=7)  # other cells do not move a cell's keys

@@ -12,11 +12,14 @@ def test_registry_holds_every_method_and_the_selected_pass():
     names = [c.name for c in cases]
     assert len(names) == len(set(names))
     # per length and direction: 2 dims x 2 modes on Triton; the reference and SDPA only where they fit
-    assert sum(c.method == "triton" and not c.select for c in cases) == 2 * 2 * 2 * 2
+    assert sum(c.method == "triton" and not c.sinks for c in cases) == 2 * 2 * 2 * 2
     assert {c.seqlen for c in cases if c.method == "sdpa-flash"} == {4096}
     assert {c.seqlen for c in cases if c.method == "reference"} == {4096}
-    selected = [c for c in cases if c.select]
-    assert [(c.seqlen, c.backward, c.shape, c.sinks, c.select) for c in selected] == [
-        (n, bwd, suite.choose_shape(n, 2), 4, 2) for n in (4096, 262144) for bwd in (False, True)]
-    assert "complete+select2 fwd" in selected[0].name and "complete+select2 fwd+bwd" in selected[1].name
-    assert not suite.registry([4096], methods=["triton"], select_topk=())[0].select
+    # a trained model's configuration (sinks, gate, tensor positions), without and with the selected pass
+    trained = [c for c in cases if c.sinks]
+    assert [(c.seqlen, c.backward, c.shape, c.gate, c.positions, c.select) for c in trained] == [
+        (n, bwd, suite.choose_shape(n, 2), True, True, k) for n in (4096, 262144) for bwd in (False, True)
+        for k in (0, 2)]
+    assert "complete+sinks4+gate+rope fwd" in trained[0].name
+    assert "complete+select2+sinks4+gate+rope fwd+bwd" in trained[3].name
+    assert not any(c.sinks for c in suite.registry([4096], methods=["triton"], select_topk=()))

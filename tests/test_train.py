@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -224,6 +225,9 @@ def test_retrieval_rows_are_seeded_prompts_over_the_rows_own_text(tokenizer):
         assert passkey.INTRO in text and "pass key" in text
         kept = set(ids[row].tolist())  # the filler is the row's own text
         assert sum(t in kept for t in out[row].tolist()) > 0.5 * out.shape[1]
+        # its keys are even: the evaluation's are odd, so no evaluation key is trained on
+        keys = [int(x) for x in re.findall(r"pass key (?:of \w+ )?is (\d{5})", text)]
+        assert keys and all(key % 2 == 0 for key in keys)
     assert torch.equal(out, T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=7))
     assert not torch.equal(out, T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=8))
     assert torch.equal(T.retrieval_rows(ids, 0.0, tokenizer, seed=1, step=7), ids)

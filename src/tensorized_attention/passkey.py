@@ -68,6 +68,7 @@ __all__ = [
     "PromptBuilder",
     "Trial",
     "add_arguments",
+    "draw_key",
     "answer_logits",
     "contrast_key",
     "evaluate",
@@ -364,7 +365,14 @@ def trial_key(seed: int, length: int, depth: float, index: int) -> int:
     >>> 10000 <= trial_key(1, 4096, 0.0, 3) <= 99999
     True
     """
-    return random.Random(f"passkey/{seed}/{length}/{depth!r}/{index}").randint(*KEY_RANGE)
+    return draw_key(random.Random(f"passkey/{seed}/{length}/{depth!r}/{index}"))
+
+
+def draw_key(rng: random.Random, *, training: bool = False) -> int:
+    """A key of ``KEY_RANGE`` drawn from ``rng``: odd for the evaluation, even for the
+    synthetic examples of training (``train --retrieval-share``), so that no evaluation key
+    is ever seen in training."""
+    return 2 * rng.randint(KEY_RANGE[0] // 2, (KEY_RANGE[1] - 1) // 2) + (0 if training else 1)
 
 
 def plan_trials(lengths: Sequence[int], depths: Sequence[float], trials: int, seed: int = 0) -> list[Trial]:
@@ -386,7 +394,7 @@ def multi_needles(trial: Trial, keys: int, seed: int = 0) -> tuple[list[tuple[fl
     names = rng.sample(NAMES, keys)
     values = [trial.key]
     while len(values) < keys:
-        value = rng.randint(*KEY_RANGE)
+        value = draw_key(rng)
         if value not in values:
             values.append(value)
     depths = [trial.depth] + [rng.random() for _ in range(keys - 1)]
@@ -398,7 +406,7 @@ def contrast_key(trial: Trial, seed: int = 0) -> int:
     true answer's is compared with."""
     rng = random.Random(f"contrast/{seed}/{trial.length}/{trial.depth!r}/{trial.index}")
     while True:
-        value = rng.randint(*KEY_RANGE)
+        value = draw_key(rng)
         if value != trial.key:
             return value
 

@@ -10,7 +10,8 @@ Rotations use the Llama ("rotate_half") layout: the two halves of the head dimen
 the two coordinates of each rotated pair; angles are ``position * inv_freq`` in float32,
 exactly as Hugging Face models compute them, so q and k that arrive already rotated at
 their sequence positions (``rotated=True``) are first rotated back by the very same
-angles.
+angles. Frequencies given in float64 give angles in float64 (exact rotations, for
+reference computations in float64).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class TensorPositions:
 
 
 def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
-    angles = positions.to(torch.float32)[..., None] * inv_freq.to(device=positions.device, dtype=torch.float32)
+    dtype = torch.promote_types(inv_freq.dtype, torch.float32)  # float32, or float64 for float64 frequencies
+    angles = positions.to(dtype)[..., None] * inv_freq.to(device=positions.device, dtype=dtype)
     angles = torch.cat([angles, angles], dim=-1)  # [..., D]
     return angles.cos(), angles.sin()
 
@@ -49,8 +51,8 @@ def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *, scale: float = 1.0,
            inverse: bool = False) -> torch.Tensor:
     """Rotate ``x [..., P, D]`` at integer ``positions [P]`` (or any shape that broadcasts
-    against ``x.shape[:-1]``; inverse: by minus the angle), computed in float32 and returned
-    in x's dtype."""
+    against ``x.shape[:-1]``; inverse: by minus the angle), computed in float32 (float64 for
+    float64 x or inv_freq) and returned in x's dtype."""
     cos, sin = _cos_sin(positions, inv_freq)
     if inverse:
         sin = -sin

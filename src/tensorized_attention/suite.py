@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .fold import choose_shape, strides
 from .ops import tensorized_attn
+from .rope import TensorPositions
 
 __all__ = ["Case", "registry", "measure_ceilings", "pass_floor", "run_suite"]
 
@@ -50,13 +51,16 @@ class Case:
     mode: str = "complete"
     shape: tuple[int, ...] = ()
     sinks: int = 0
-    gate: bool = False
+    gate: bool = False  # a gate of 0.5 on every pass
+    positions: bool = False  # tensor positions (rotary, the frequencies of SmolLM2: base 100000)
     select: int = 0  # topk of a selected pass after the fold passes (block: the last fold size); 0: none
 
     @property
     def name(self) -> str:
         fold = "x".join(map(str, self.shape)) if self.shape else "-"
-        mode = self.mode + (f"+select{self.select}" if self.select else "") if self.method in TENSORIZED else ""
+        extras = (f"+select{self.select}" if self.select else "") + (f"+sinks{self.sinks}" if self.sinks else "")
+        extras += ("+gate" if self.gate else "") + ("+rope" if self.positions else "")
+        mode = self.mode + extras if self.method in TENSORIZED else ""
         return (f"{self.method} N={self.seqlen} H={self.heads}/{self.kv_heads} fold={fold} "
                 f"{mode} {'fwd+bwd' if self.backward else 'fwd'}")
 
@@ -74,8 +78,9 @@ def registry(
     select_topk: Iterable[int] = (2,),
 ) -> list[Case]:
     """The cases of the suite (batch 1, 32 heads, head dim 128, bfloat16, causal). With
-    ``select_topk``: also ``complete`` on the 2-dim fold followed by a selected pass of that
-    top-k (block: the contiguous dimension, 4 sinks), on Triton."""
+    ``select_topk``: also the configuration of a trained model on Triton, ``complete`` on the
+    2-dim fold with 4 sinks, a gate and tensor positions, followed by a selected pass of that
+    top-k (block: the contiguous dimension), and the same without the selected pass."""
     cases = []
     for N in lengths:
         for hkv in kv_heads:
@@ -88,9 +93,9 @@ def registry(
                             for mode in modes:
                                 cases.append(Case(method, N, kv_heads=hkv, backward=bwd, mode=mode,
                                                   shape=choose_shape(N, ndim)))
-                        if method == "triton":
+                        if method == "triton" and select_topk:
                             cases += [Case(method, N, kv_heads=hkv, backward=bwd, shape=choose_shape(N, 2), sinks=4,
-                                           select=k) for k in select_topk]
+                                           gate=True, positions=True, select=k) for k in (0, *select_topk)]
                     elif method.startswith("sdpa") and N <= max_sdpa_len:
                         cases.append(Case(method, N, kv_heads=hkv, backward=bwd))
                     elif method == "flex-window":
@@ -176,8 +181,13 @@ def _forward_fn(case: Case, q, k, v) -> Callable[[], torch.Tensor]:
         from .passes import SelectedPass
 
         select = SelectedPass(case.shape[-1], case.select) if case.select else None
-        return lambda: tensorized_attn(q, k, v, case.shape, causal=True, mode=case.mode,
-                                       sinks=case.sinks, select=select, backend=case.method)
+        gate = torch.full((case.heads, len(case.shape) + bool(select)), 0.5, device=q.device) if case.gate else None
+        positions = None
+        if case.positions:
+            D = case.headdim
+            positions = TensorPositions(1.0 / 100000.0 ** (torch.arange(0, D, 2, device=q.device) / D))
+        return lambda: tensorized_attn(q, k, v, case.shape, causal=True, mode=case.mode, sinks=case.sinks,
+                                       gate=gate, positions=positions, select=select, backend=case.method)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # SDPA's [B, H, N, D] (views)
     gqa = case.heads != case.kv_heads
     if case.method.startswith("sdpa"):

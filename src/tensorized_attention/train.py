@@ -441,7 +441,8 @@ def retrieval_rows(ids: torch.Tensor, share: float, tokenizer, seed: int, step: 
     prompts of the same T tokens (:mod:`tensorized_attention.passkey`) whose filler is the
     row's own text; the number of keys (1 to 4), their depths, names and values come from a
     generator seeded with ``train-retrieval/{seed}/{step}/{row}``, apart from the
-    evaluation's (``passkey/...``, ``multikey/...``). The loss covers every token, as for
+    evaluation's (``passkey/...``, ``multikey/...``); the keys are even, the evaluation's odd
+    (:func:`tensorized_attention.passkey.draw_key`). The loss covers every token, as for
     the other rows."""
     import random
 
@@ -453,7 +454,11 @@ def retrieval_rows(ids: torch.Tensor, share: float, tokenizer, seed: int, step: 
         rng = random.Random(f"train-retrieval/{seed}/{step}/{row}")
         builder = passkey.PromptBuilder(tokenizer, filler_text=ids[row].tolist())
         keys = rng.randint(1, 4)
-        values = rng.sample(range(passkey.KEY_RANGE[0], passkey.KEY_RANGE[1] + 1), keys)
+        values = []
+        while len(values) < keys:  # even keys: the evaluation's are odd
+            value = passkey.draw_key(rng, training=True)
+            if value not in values:
+                values.append(value)
         if keys == 1:
             prompt = builder.build(ids.shape[1], rng.random(), values[0])
         else:

@@ -1,0 +1,68 @@
+"""Where the time of the selected pass goes on a GPU: the ranking, the grouping of the
+pairs, the forward, forward+backward (Triton backend, bfloat16, median of do_bench).
+
+    python benchmarks/profile_select.py --seqlen 131072 --out results/profile_select.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+from triton.testing import do_bench
+
+from tensorized_attention import SelectedPass, TensorPositions
+from tensorized_attention.ops.triton import select
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqlen", type=int, default=131072)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=32)
+    p.add_argument("--headdim", type=int, default=128)
+    p.add_argument("--block", type=int, default=256)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    N, H, Hkv, D = args.seqlen, args.heads, args.kv_heads, args.headdim
+    step = SelectedPass(args.block, args.topk)
+    q = torch.randn(1, N, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, N, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, N, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    positions = TensorPositions(1.0 / 100000.0 ** (torch.arange(0, D, 2, device="cuda") / D))
+    scale = D**-0.5
+    sel, R = select._selections(step, q.detach(), k.detach(), scale)
+    rows = {}
+
+    def time(name, fn):
+        torch.cuda.reset_peak_memory_stats()
+        rows[name] = {"ms": do_bench(fn, warmup=5, rep=30, return_mode="median"),
+                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+        print(f"{name:<22} {rows[name]['ms']:9.3f} ms  peak {rows[name]['peak_gib']:.1f} GiB", flush=True)
+
+    time("ranking", lambda: select._selections(step, q.detach(), k.detach(), scale))
+    time("pairs", lambda: select._pairs(sel, R, N // args.block, 64))
+
+    def fwd():
+        with torch.no_grad():
+            return select.selected_pass(step, q, k, v, sinks=args.sinks, scale=scale, positions=positions)
+
+    def fwd_bwd():
+        out = select.selected_pass(step, q, k, v, sinks=args.sinks, scale=scale, positions=positions)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    time("selected pass fwd", fwd)
+    time("selected pass fwd+bwd", fwd_bwd)
+    result = {"device": torch.cuda.get_device_name(), "args": vars(args), "command": "python " + " ".join(sys.argv),
+              "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
