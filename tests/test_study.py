@@ -59,6 +59,10 @@ def test_every_configuration_has_its_commands(setup, tmp_path):
         evaluated = commands[-1][commands[-1].index("--model") + 1]
         assert evaluated == (str(tmp_path / name / "train" / "final") if config.train else str(checkpoint))
         assert "--score-last" not in commands[-2]
+        if config.train:  # the configuration's own training options come before --train-args
+            train, extra = commands[0], len(args.train_args)
+            assert train[len(train) - extra - len(config.train_args):len(train) - extra] == list(config.train_args)
+    assert study.ALL_CONFIGS["pilot-select"].train_args == study.RETRIEVAL_RECIPE
     args = parser.parse_args(_args(root, checkpoint)[2:] + ["--config", "pilot", "--eval-score-last", "1024"])
     perplexity = study.study_commands("pilot", args)[-2]
     assert perplexity[0] == "perplexity" and perplexity[perplexity.index("--score-last") + 1] == "1024"

@@ -212,15 +212,16 @@ def test_new_lr_is_the_learning_rate_of_the_gate_logits(checkpoint):
 
 
 def test_retrieval_rows_are_seeded_prompts_over_the_rows_own_text(tokenizer):
-    """--retrieval-share: the last rows of a batch become passkey / multi-key prompts of the
-    same length, filled with the row's own text, seeded by (seed, step, row)."""
+    """--retrieval-share: a share of the rows over the run (every 2nd for 0.5, every 4th for
+    0.25, whatever the batch) become passkey / multi-key prompts of the same length, filled
+    with the row's own text, seeded by (seed, step, row)."""
     from tensorized_attention import passkey
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 250, (4, 900), generator=g)
     out = T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=7)
-    assert out.shape == ids.shape and torch.equal(out[:2], ids[:2]) and not torch.equal(out[2:], ids[2:])
-    for row in (2, 3):
+    assert out.shape == ids.shape and torch.equal(out[0::2], ids[0::2]) and not torch.equal(out[1::2], ids[1::2])
+    for row in (1, 3):
         text = tokenizer.decode(out[row].tolist())
         assert passkey.INTRO in text and "pass key" in text
         kept = set(ids[row].tolist())  # the filler is the row's own text
@@ -229,8 +230,13 @@ def test_retrieval_rows_are_seeded_prompts_over_the_rows_own_text(tokenizer):
         keys = [int(x) for x in re.findall(r"pass key (?:of \w+ )?is (\d{5})", text)]
         assert keys and all(key % 2 == 0 for key in keys)
     assert torch.equal(out, T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=7))
-    assert not torch.equal(out, T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=8))
+    assert not torch.equal(out, T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=9))
     assert torch.equal(T.retrieval_rows(ids, 0.0, tokenizer, seed=1, step=7), ids)
+    # a quarter of the rows over the run with a batch of 2: one row every other step
+    pair = ids[:2, :300]
+    changed = [int(not torch.equal(T.retrieval_rows(pair, 0.25, tokenizer, seed=1, step=s)[r], pair[r]))
+               for s in range(4) for r in range(2)]
+    assert changed == [0, 0, 0, 1, 0, 0, 0, 1]
 
 
 def test_retrieval_share_needs_room_for_the_prompt(checkpoint, tokens, tmp_path, capsys):

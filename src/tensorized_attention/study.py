@@ -40,11 +40,13 @@ TENSOR_FOLD = '{"shape": [null, 256], "mode": "%s", "order": [0, 1], "positions"
 @dataclass(frozen=True)
 class Config:
     """One configuration of the study: its attention setup string (``setups``), whether it
-    is trained, and what it stands for."""
+    is trained, what it stands for, and the options its training adds (before
+    ``--train-args``)."""
 
     attention: str
     train: bool
     description: str
+    train_args: tuple[str, ...] = ()
 
 
 #: The configurations of the long-context study (docs/results.md).
@@ -64,17 +66,27 @@ CONFIGS: dict[str, Config] = {
 
 _PILOT = '"shape": [null, 256], "mode": "complete", "order": [0, 1], "positions": "tensor", "sinks": 4'
 
+#: The retrieval recipe (docs/retrieval.md): the gates learn at a higher rate than the
+#: pretrained weights, and a quarter of the rows are synthetic passkey / multi-key prompts
+#: (keys, depths and fillers apart from the evaluation's).
+RETRIEVAL_RECIPE = ("--new-lr", "1e-3", "--retrieval-share", "0.25")
+
 #: The configurations of the retrieval study (docs/retrieval.md): each content-addressed
 #: option on top of ``pilot`` (with ``pilot`` and ``window`` above as the references).
 RETRIEVAL_CONFIGS: dict[str, Config] = {
     "select": Config("tensorized:select", False,
                      "window 256 + 4 sinks + the top-2 earlier 256-token blocks (DESIGN.md §8), as shipped"),
-    "select-trained": Config("tensorized:select", True, "the same, trained"),
-    "pilot-select": Config("tensorized:pilot_select", True, "pilot + a gated selected pass (top-2 of 256), trained"),
+    "select-trained": Config("tensorized:select", True, "the same, trained (retrieval recipe)", RETRIEVAL_RECIPE),
+    "pilot-select": Config("tensorized:pilot_select", True,
+                           "pilot + a gated selected pass (top-2 of 256), trained (retrieval recipe)", RETRIEVAL_RECIPE),
     "pilot-pool": Config('tensorized:{' + _PILOT + ', "gate": [0.88, null, 0.88], "pool": {"block": 256}}', True,
-                         "pilot + a gated pooled pass (one summary per 256-token block), trained"),
+                         "pilot + a gated pooled pass (one summary per 256-token block), trained (retrieval recipe)",
+                         RETRIEVAL_RECIPE),
     "pilot-relay": Config('tensorized:{' + _PILOT + ', "gate": [0.88, null], "relay": true}', True,
-                          "pilot with key relay, trained"),
+                          "pilot with key relay, trained (retrieval recipe)", RETRIEVAL_RECIPE),
+    "full-pi4-recipe": Config("full:linear=4", True,
+                              "full attention, position interpolation x4, trained with the retrieval recipe "
+                              "(does the recipe keep the model's retrieval?)", RETRIEVAL_RECIPE),
 }
 
 ALL_CONFIGS: dict[str, Config] = {**CONFIGS, **RETRIEVAL_CONFIGS}
@@ -100,7 +112,8 @@ def study_commands(name: str, args: argparse.Namespace) -> list[list[str]]:
                          "--context", str(args.context), "--train-tokens", str(args.train_tokens),
                          "--batch", str(args.batch), "--micro-batch", str(args.micro_batch),
                          "--lr", str(args.lr), "--seed", str(args.seed), "--gradient-checkpointing",
-                         "--out", train_dir, *(["--resume"] if resume else []), *args.train_args])
+                         "--out", train_dir, *(["--resume"] if resume else []), *config.train_args,
+                         *args.train_args])
     commands.append(["perplexity", "--model", model, *common, "--data", args.data, "--split", "test",
                      "--context", args.eval_lengths, "--max-windows", str(args.eval_windows),
                      *(["--score-last", str(args.eval_score_last)] if args.eval_score_last else []),

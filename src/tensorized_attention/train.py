@@ -436,21 +436,26 @@ def make_optimizer(model, *, lr: float, weight_decay: float, new_lr: float | Non
 
 
 def retrieval_rows(ids: torch.Tensor, share: float, tokenizer, seed: int, step: int) -> torch.Tensor:
-    """Synthetic retrieval examples in a training batch (``train --retrieval-share``): the
-    last ``round(share * batch)`` rows of ``ids`` [batch, T] become passkey or multi-key
-    prompts of the same T tokens (:mod:`tensorized_attention.passkey`) whose filler is the
-    row's own text; the number of keys (1 to 4), their depths, names and values come from a
-    generator seeded with ``train-retrieval/{seed}/{step}/{row}``, apart from the
-    evaluation's (``passkey/...``, ``multikey/...``); the keys are even, the evaluation's odd
+    """Synthetic retrieval examples in a training batch (``train --retrieval-share``): a
+    ``share`` of the rows, over the run, become passkey or multi-key prompts of the same T
+    tokens (:mod:`tensorized_attention.passkey`) whose filler is the row's own text. Row
+    ``i`` of the run (``step * batch + row``) is one when ``floor((i + 1) share) >
+    floor(i share)``: every 4th row for 0.25, whatever the batch. The number of keys (1 to
+    4), their depths, names and values come from a generator seeded with
+    ``train-retrieval/{seed}/{step}/{row}``, apart from the evaluation's (``passkey/...``,
+    ``multikey/...``); the keys are even, the evaluation's odd
     (:func:`tensorized_attention.passkey.draw_key`). The loss covers every token, as for
     the other rows."""
+    import math
     import random
 
     from . import passkey
 
-    count = round(share * ids.shape[0])
+    batch = ids.shape[0]
+    chosen = [row for row in range(batch)
+              if math.floor((step * batch + row + 1) * share) > math.floor((step * batch + row) * share)]
     out = ids.clone()
-    for row in range(ids.shape[0] - count, ids.shape[0]):
+    for row in chosen:
         rng = random.Random(f"train-retrieval/{seed}/{step}/{row}")
         builder = passkey.PromptBuilder(tokenizer, filler_text=ids[row].tolist())
         keys = rng.randint(1, 4)
