@@ -79,6 +79,10 @@ RETRIEVAL_CONFIGS: dict[str, Config] = {
     "select-trained": Config("tensorized:select", True, "the same, trained (retrieval recipe)", RETRIEVAL_RECIPE),
     "pilot-select": Config("tensorized:pilot_select", True,
                            "pilot + a gated selected pass (top-2 of 256), trained (retrieval recipe)", RETRIEVAL_RECIPE),
+    "pilot-select-open": Config('tensorized:{' + _PILOT + ', "gate": [0.88, null, null], '
+                                '"select": {"block": 256, "topk": 2}}', True,
+                                "pilot + a selected pass whose output is the layer's (no gate: at 0.88 the gated "
+                                "pass passes on 12% of what it reads), trained (retrieval recipe)", RETRIEVAL_RECIPE),
     "pilot-pool": Config('tensorized:{' + _PILOT + ', "gate": [0.88, null, 0.88], "pool": {"block": 256}}', True,
                          "pilot + a gated pooled pass (one summary per 256-token block), trained (retrieval recipe)",
                          RETRIEVAL_RECIPE),

@@ -24,8 +24,10 @@ rotated by their pair's ``A`` in the kernel; the sinks likewise, with
 window uses q and k rotated at their positions (``QW``, ``KW``: a Hugging Face layer's own
 q and k). Without positions nothing rotates.
 
-The ranking (which blocks each query selects) is computed in PyTorch by
-:func:`tensorized_attention.ops.reference.select_blocks`, exactly as the reference does.
+The ranking (which blocks each query selects) is that of the reference
+(:func:`tensorized_attention.ops.reference.select_blocks`) in one kernel,
+:func:`_rank_kernel`: the scores of a tile of queries against the blocks' mean keys, tile
+by tile of blocks, and a running top-k per query; no score matrix is written.
 
 The backward mirrors it: dq of the selected blocks pair by pair (rotated back by the pair's
 angle, into a buffer per slot), then a query-major kernel for the window's and the sinks'
@@ -497,26 +499,76 @@ def _blocks_dkdv_kernel(
     tl.store(dv_rows, tl.load(dv_rows, mask=kd, other=0.0) + dv, mask=kd)
 
 
-def _selections(step, q_content, k_content, scale):
-    """Which blocks each query selects (the reference's ranking, over chunks of queries):
+@triton.jit
+def _rank_kernel(
+    QC, MEANS, SEL, stride_qb, stride_qn, stride_qh,
+    N, H, Hkv, BH, n_blocks, RC, scale,
+    GROUP: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The ranking of BLOCK_M queries of one head (what ``reference.select_blocks`` computes):
+    each query's best ``K`` whole blocks before its own by ``scale q . mean(k of the block)``
+    (MEANS [B, Hkv, n_blocks, D], float32), of equal scores the later block, written in
+    increasing order to SEL [BH, N, RC] (padding BIG). The kept blocks are a set of K
+    columns; a block enters when it beats the set's worst."""
+    pid = tl.program_id(0)
+    bh = pid % BH
+    a0 = (pid // BH) * BLOCK_M
+    b = bh // H
+    h = bh % H
+    offs_m = a0 + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < N
+    own = offs_m // W
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = _rows(QC + b.to(tl.int64) * stride_qb + h * stride_qh, offs_m, m_ok, stride_qn, offs_d, d_ok).to(tl.float32)
+    means = MEANS + ((b * Hkv + h // GROUP).to(tl.int64) * n_blocks) * HEAD_DIM
+    cols = tl.arange(0, KP)
+    # K columns start empty (-inf, distinct negative indices); columns past K never take a block (+inf)
+    best_v = tl.where(cols[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, KP], tl.float32)
+    best_i = -1 - cols[None, :] + tl.zeros([BLOCK_M, KP], tl.int32)
+    for b0 in range(0, tl.minimum(n_blocks, (a0 + BLOCK_M - 1) // W), BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mt = tl.load(means + offs_b.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
+                     mask=(offs_b < n_blocks)[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(mt), input_precision=PRECISION) * scale
+        s = tl.where((offs_b[None, :] < own[:, None]) & (offs_b[None, :] < n_blocks), s, float("-inf"))
+        for _ in tl.static_range(K):  # the tile's best left, offered to the kept set
+            top = tl.max(s, 1)
+            top_i = tl.max(tl.where(s == top[:, None], offs_b[None, :], -1), 1)
+            worst = tl.min(best_v, 1)
+            worst_i = tl.min(tl.where(best_v == worst[:, None], best_i, 2**30), 1)
+            enters = (top > float("-inf")) & ((top > worst) | ((top == worst) & (top_i > worst_i)))
+            replace = (best_v == worst[:, None]) & (best_i == worst_i[:, None]) & enters[:, None]
+            best_v = tl.where(replace, top[:, None], best_v)
+            best_i = tl.where(replace, top_i[:, None], best_i)
+            s = tl.where(offs_b[None, :] == top_i[:, None], float("-inf"), s)
+    kept = (cols[None, :] < K) & (best_v > float("-inf"))
+    index = tl.where(kept, best_i, 2**30 + cols[None, :])  # distinct: empty columns sort last
+    place = tl.sum((index[:, None, :] < index[:, :, None]).to(tl.int32), 2)  # [BM, KP]: its rank
+    tl.store(SEL + (bh.to(tl.int64) * N + offs_m)[:, None] * RC + place, tl.where(kept, best_i, 2**30),
+             mask=m_ok[:, None] & (cols[None, :] < K))
+
+
+def _selections(step, q_content, k_content, scale, block_m=64):
+    """Which blocks each query selects (the reference's ranking, :func:`_rank_kernel`):
     ``[B, H, N, max(R, 1)]`` int32 in increasing order (a slot's place is the block's rank
     among the row's selections; padding BIG), and R = min(topk, N // block)."""
-    from ..reference import block_means, select_blocks
+    from ..reference import block_means
 
     B, N, H, D = q_content.shape
     Hkv = k_content.shape[2]
     W = step.block
     n_blocks = N // W
     R = min(step.topk, n_blocks)
-    qc = q_content.reshape(B, N, Hkv, H // Hkv, D).permute(0, 2, 3, 1, 4)
-    means = block_means(k_content.permute(0, 2, 1, 3)[:, :, None], W)  # [B, Hkv, n_blocks, D]
-    chunks = []
-    for start in range(0, N, 16384):
-        p = torch.arange(start, min(start + 16384, N), device=q_content.device)
-        chunks.append(select_blocks(qc[..., start:start + len(p), :], means, p, W, step.topk, scale)[0])
-    blocks = torch.cat(chunks, dim=-2).reshape(B, H, N, R)
     sel = torch.full((B, H, N, max(R, 1)), BIG, dtype=torch.int32, device=q_content.device)
-    sel[..., :R] = torch.where(blocks < n_blocks, blocks, BIG)
+    if R:
+        means = block_means(k_content.permute(0, 2, 1, 3)[:, :, None], W).float().contiguous()
+        _rank_kernel[(triton.cdiv(N, block_m) * B * H,)](
+            q_content, means, sel, *q_content.stride()[:3], N, H, Hkv, B * H, n_blocks, sel.shape[-1], scale,
+            GROUP=H // Hkv, W=W, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m,
+            BLOCK_B=64, K=R, KP=max(2, triton.next_power_of_2(R)),
+            PRECISION="ieee" if q_content.dtype == torch.float32 else "tf32", num_warps=4)
     return sel, R
 
 
