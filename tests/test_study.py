@@ -137,3 +137,23 @@ def test_report_rebuilds_results_from_the_json(setup, tmp_path):
     assert f"{passkey['successes']}/{passkey['trials']}" in text
     if "(no plots" not in text:
         assert (tmp_path / "results_ppl.png").exists() and (tmp_path / "results_passkey_pilot.png").exists()
+
+
+def test_retrieval_report_is_rebuilt_from_the_committed_json():
+    """docs/retrieval_study.md is what benchmarks/retrieval_report.py renders from the
+    committed results (no number typed by hand), and its targets follow from them."""
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).parents[1]
+    sys.path.insert(0, str(repo / "benchmarks"))
+    import retrieval_report
+
+    results = retrieval_report.collect(str(repo / "benchmarks/results/retrieval/study"),
+                                       str(repo / "benchmarks/results/study"))
+    text = retrieval_report.render(results)
+    assert text == (repo / "docs/retrieval_study.md").read_text()
+    rate = retrieval_report._rate(results["select-trained"], "passkey", 131072)
+    met = "yes" if rate >= 0.9 and retrieval_report._rate(results["select-trained"], "passkey", 32768) >= 0.9 else "no"
+    assert any(line.startswith("| select-trained: passkey >= 90% at 32k and 128k |") and line.endswith(f"| {met} |")
+               for line in text.splitlines())
