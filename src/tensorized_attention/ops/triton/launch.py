@@ -9,8 +9,8 @@ across passes in q's dtype (one rounding per pass), those of per-pass q and k ke
 every reduction runs in a fixed order: repeated backward calls give identical results.
 
 With rotary tensor positions, :func:`tensorized_attn_triton` hands the ops each pass's
-rotated q and k and the sinks' queries and keys (:func:`_rotated_per_pass`, in PyTorch,
-with autograd); the kernels themselves never rotate.
+rotated q and k and the sinks' queries and keys (:func:`_rotated_per_pass`: one kernel
+writes every pass's copy, with autograd); the attention kernels themselves never rotate.
 
 Both are ``torch.library.triton_op`` s (kernels launched through ``wrap_triton``), so
 ``torch.compile(fullgraph=True)`` traces into them.
@@ -25,7 +25,7 @@ import triton
 from torch.library import triton_op, wrap_triton
 
 from ...fold import fold_size, strides
-from ...rope import pass_positions, rotate, sink_distances
+from ...rope import rotate, sink_distances
 from .kernels import LOG2E, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_sink_kernel, _fwd_kernel
 
 SINK_CHUNK = 4096  # positions summed by one program of the sink-gradient kernel
@@ -317,42 +317,35 @@ def tensorized_attn_triton(q, k, v, shape, *, causal, mode, order, gate, sinks, 
 
 def _rotated_per_pass(q, k, shape, order, sinks, positions):
     """Rotary tensor positions (DESIGN.md §3) as the kernels take them: the queries and keys
-    of every pass, rotated at ``p // s_j`` ([m, B, N, H(kv), D]), the sink queries (rotated
-    at 0) and the sink keys of every pass (rotated at minus their fixed distance). The
-    rotations are the reference backend's own (rope.rotate, float32 angles), with autograd.
-    A pass of stride 1 over inputs that arrive rotated at their positions takes them as
-    they are (rotating back and forth again would only add rounding)."""
+    of every pass, rotated at ``p // s_j`` ([m, B, N, H(kv), D], one kernel each:
+    :func:`.rotary.rotate_passes`, float32 angles as rope.rotate computes them, with
+    autograd), the sink queries (unrotated) and the sink keys of every pass (rotated at minus
+    their fixed distance, in PyTorch: a few keys). A pass of stride 1 over inputs that arrive
+    rotated at their positions takes them as they are (rotating back and forth again would
+    only add rounding)."""
+    from .rotary import rotary_tables, rotate_passes
+
     N = q.shape[1]
-    pos = torch.arange(N, device=q.device)
     inv_freq = positions.inv_freq
-    qh, kh = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, N, D]: rotate() wants positions at -2
+    cos, sin = rotary_tables(N, inv_freq, q.device)
     rope_scale = 1.0 if positions.rotated else positions.attention_scaling
     if positions.rotated:  # back to unrotated (times the model's attention scaling)
-        qi, ki = (rotate(x, pos, inv_freq, inverse=True) for x in (qh, kh))
+        qi, ki = (rotate_passes(x, x, cos, sin, [1], 1.0, True)[0] for x in (q, k))
     else:
-        qi, ki = qh, kh
+        qi, ki = q, k
     st = strides(shape)
-    q_pass, k_pass, k_sinks = [], [], []
+    divisors = [0 if st[dim] == 1 and positions.rotated else st[dim] for dim in order]
+    qs = rotate_passes(qi, q, cos, sin, divisors, rope_scale, False)  # [m, B, N, H, D]
+    ks = rotate_passes(ki, k, cos, sin, divisors, rope_scale, False)
     count = min(sinks, N)
-    for dim in order:
-        if st[dim] == 1 and positions.rotated:
-            q_pass.append(qh)
-            k_pass.append(kh)
-        else:
-            tensor_pos = pass_positions(pos, st[dim])
-            q_pass.append(rotate(qi, tensor_pos, inv_freq, scale=rope_scale))
-            k_pass.append(rotate(ki, tensor_pos, inv_freq, scale=rope_scale))
-        if count:
-            dist = sink_distances(shape[dim], sinks)[:count].to(q.device)
-            k_sinks.append(rotate(ki[:, :, :count], -dist, inv_freq, scale=rope_scale))
-    qs = torch.stack(q_pass).transpose(2, 3)  # [m, B, N, H, D]
-    ks = torch.stack(k_pass).transpose(2, 3)
     if not count:
         return qs, ks, None, None
+    first = ki[:, :count].transpose(1, 2)  # [B, Hkv, S, D]: rotate() wants positions at -2
+    k_sinks = [rotate(first, -sink_distances(shape[dim], sinks)[:count].to(q.device), inv_freq, scale=rope_scale)
+               for dim in order]
+    sink_k = torch.stack(k_sinks).transpose(2, 3).contiguous()  # [m, B, S, Hkv, D]
     # the sinks' queries are q unrotated (scaled like every rotation); the kernels read them strided
     sink_q = qi if rope_scale == 1.0 else (qi.to(torch.float32) * rope_scale).to(q.dtype)
-    sink_q = sink_q.transpose(1, 2)
-    sink_k = torch.stack(k_sinks).transpose(2, 3).contiguous()  # [m, B, S, Hkv, D]
     return qs, ks, sink_q, sink_k
 
 

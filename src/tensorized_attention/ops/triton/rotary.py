@@ -1,0 +1,167 @@
+"""Rotary tensor positions for the Triton backend: every pass's rotated copy of q (or k) in
+one kernel, ``tensorized_attention::rotate_passes``.
+
+Pass ``t`` of stride ``s_t`` rotates position ``p`` at its tensor position ``p // s_t``
+(DESIGN.md §3). The kernel reads x once per tile and writes each pass's rotated copy into
+one ``[m, B, N, H, D]`` tensor, the cosines and sines read from a table of the positions
+``0 .. N-1`` computed in PyTorch exactly as :func:`tensorized_attention.rope.rotate`
+computes them (float32 angles); a pass of divisor 0 takes a second input ``y`` as it is
+(the contiguous pass of q and k that arrive rotated at their positions). Its gradient is
+one kernel too: the sum over the passes of each pass's gradient rotated back.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from ...rope import _cos_sin
+
+
+@triton.jit
+def _rotate_kernel(
+    X, Y, OUT, COS, SIN, DIV,
+    stride_xb, stride_xn, stride_xh, stride_yb, stride_yn, stride_yh,
+    stride_ot, stride_ob, stride_on, stride_oh,
+    N, Hx, M, scale,
+    HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, INVERSE: tl.constexpr,
+):
+    """OUT[t] = scale R(+-(p // DIV[t]) theta) X for each pass t < M; DIV[t] = 0: OUT[t] = Y."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(1)
+    b = bh // Hx
+    h = bh % Hx
+    offs_h = tl.arange(0, BLOCK_H)
+    m = (n < N)[:, None] & (offs_h < HALF)[None, :]
+    rows = n.to(tl.int64)[:, None]
+    x = X + b.to(tl.int64) * stride_xb + h * stride_xh + rows * stride_xn + offs_h[None, :]
+    x1 = tl.load(x, mask=m, other=0.0).to(tl.float32)
+    x2 = tl.load(x + HALF, mask=m, other=0.0).to(tl.float32)
+    for t in range(0, M):
+        div = tl.load(DIV + t)
+        out = OUT + t * stride_ot + b.to(tl.int64) * stride_ob + h * stride_oh + rows * stride_on + offs_h[None, :]
+        if div == 0:
+            y = Y + b.to(tl.int64) * stride_yb + h * stride_yh + rows * stride_yn + offs_h[None, :]
+            tl.store(out, tl.load(y, mask=m, other=0.0), mask=m)
+            tl.store(out + HALF, tl.load(y + HALF, mask=m, other=0.0), mask=m)
+        else:
+            at = (n // div).to(tl.int64)[:, None] * HALF + offs_h[None, :]
+            c = tl.load(COS + at, mask=m, other=1.0)
+            s = tl.load(SIN + at, mask=m, other=0.0)
+            if INVERSE:
+                s = -s
+            tl.store(out, ((x1 * c - x2 * s) * scale).to(OUT.dtype.element_ty), mask=m)
+            tl.store(out + HALF, ((x2 * c + x1 * s) * scale).to(OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _rotate_back_kernel(
+    G, OUT, COS, SIN, DIV,
+    stride_gt, stride_gb, stride_gn, stride_gh, stride_ob, stride_on, stride_oh,
+    N, Hx, M, scale,
+    HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, INVERSE: tl.constexpr,
+):
+    """OUT = sum over the passes t with DIV[t] > 0 of scale R(-+(p // DIV[t]) theta) G[t]
+    (the gradient of x in :func:`_rotate_kernel`), summed in float32 in the order of t."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(1)
+    b = bh // Hx
+    h = bh % Hx
+    offs_h = tl.arange(0, BLOCK_H)
+    m = (n < N)[:, None] & (offs_h < HALF)[None, :]
+    rows = n.to(tl.int64)[:, None]
+    acc1 = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_H], tl.float32)
+    for t in range(0, M):
+        div = tl.load(DIV + t)
+        if div > 0:
+            g = G + t * stride_gt + b.to(tl.int64) * stride_gb + h * stride_gh + rows * stride_gn + offs_h[None, :]
+            g1 = tl.load(g, mask=m, other=0.0).to(tl.float32)
+            g2 = tl.load(g + HALF, mask=m, other=0.0).to(tl.float32)
+            at = (n // div).to(tl.int64)[:, None] * HALF + offs_h[None, :]
+            c = tl.load(COS + at, mask=m, other=1.0)
+            s = tl.load(SIN + at, mask=m, other=0.0)
+            if not INVERSE:  # the transpose of the forward's rotation
+                s = -s
+            acc1 += (g1 * c - g2 * s) * scale
+            acc2 += (g2 * c + g1 * s) * scale
+    out = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + rows * stride_on + offs_h[None, :]
+    tl.store(out, acc1.to(OUT.dtype.element_ty), mask=m)
+    tl.store(out + HALF, acc2.to(OUT.dtype.element_ty), mask=m)
+
+
+def rotary_tables(seqlen: int, inv_freq: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin ``[seqlen, D/2]`` (float32) of the positions ``0 .. seqlen-1``, as
+    :func:`tensorized_attention.rope.rotate` computes them."""
+    cos, sin = _cos_sin(torch.arange(seqlen, device=device), inv_freq.to(device))
+    half = cos.shape[-1] // 2
+    return cos[:, :half].float().contiguous(), sin[:, :half].float().contiguous()
+
+
+def _grid(x_shape):
+    B, N, Hx, D = x_shape
+    return (triton.cdiv(N, 64), B * Hx)
+
+
+def _meta(D):
+    return dict(HALF=D // 2, BLOCK_N=64, BLOCK_H=max(16, triton.next_power_of_2(D // 2)), num_warps=4)
+
+
+@triton_op("tensorized_attention::rotate_passes", mutates_args=())
+def rotate_passes(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, divisors: list[int],
+                  scale: float, inverse: bool) -> torch.Tensor:
+    """x, y ``[B, N, Hx, D]``; cos, sin from :func:`rotary_tables`. Returns
+    ``[m, B, N, Hx, D]`` (m = len(divisors)): pass t is x rotated at ``p // divisors[t]``
+    (by minus the angle with ``inverse``) times ``scale``, or y as it is where
+    ``divisors[t]`` is 0."""
+    B, N, Hx, D = x.shape
+    out = x.new_empty((len(divisors), B, N, Hx, D))
+    div = torch.tensor(divisors, dtype=torch.int32, device=x.device)
+    wrap_triton(_rotate_kernel)[_grid(x.shape)](
+        x, y, out, cos, sin, div, *x.stride()[:3], *y.stride()[:3], *out.stride()[:4],
+        N, Hx, len(divisors), scale, INVERSE=inverse, **_meta(D))
+    return out
+
+
+@triton_op("tensorized_attention::rotate_passes_back", mutates_args=())
+def rotate_passes_back(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, divisors: list[int],
+                       scale: float, inverse: bool) -> torch.Tensor:
+    """The gradient of x in :func:`rotate_passes` from ``grad [m, B, N, Hx, D]``."""
+    _, B, N, Hx, D = grad.shape
+    out = grad.new_empty((B, N, Hx, D))
+    div = torch.tensor(divisors, dtype=torch.int32, device=grad.device)
+    wrap_triton(_rotate_back_kernel)[_grid(out.shape)](
+        grad, out, cos, sin, div, *grad.stride()[:4], *out.stride()[:3],
+        N, Hx, len(divisors), scale, INVERSE=inverse, **_meta(D))
+    return out
+
+
+@rotate_passes.register_fake
+def _(x, y, cos, sin, divisors, scale, inverse):
+    return x.new_empty((len(divisors), *x.shape))
+
+
+@rotate_passes_back.register_fake
+def _(grad, cos, sin, divisors, scale, inverse):
+    return grad.new_empty(grad.shape[1:])
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, cos, sin, divisors, scale, inverse = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.options = (list(divisors), scale, inverse)
+
+
+def _backward(ctx, grad):
+    cos, sin = ctx.saved_tensors
+    divisors, scale, inverse = ctx.options
+    grad = grad.contiguous()
+    dx = rotate_passes_back(grad, cos, sin, divisors, scale, inverse) if any(divisors) else None
+    as_is = [t for t, d in enumerate(divisors) if d == 0]  # y's gradient: the passes that took it as it is
+    dy = None if not as_is else grad[as_is[0]] if len(as_is) == 1 else grad[as_is].sum(0)
+    return dx, dy, None, None, None, None, None
+
+
+rotate_passes.register_autograd(_backward, setup_context=_setup_context)
