@@ -201,10 +201,28 @@ def kronecker_cp(A: torch.Tensor, shape: Sequence[int], rank: int, *, n_iter_max
     """The m-factor Kronecker sum ``A ≈ Σ_r w_r A_1^r ⊗ ... ⊗ A_m^r``: rank-``rank`` CP
     decomposition (TensorLy ``parafac``) of :func:`paired_tensor`. Returns a :class:`CPFit`
     of form ``kronecker``; :meth:`CPFit.kronecker_factors` gives the matrices of a
-    component."""
+    component. For a 2-dim fold the fit is the SVD of the order-2 tensor (exact,
+    ``iterations`` 0), for m > 2 TensorLy's ALS.
+
+    >>> A = torch.kron(torch.rand(3, 3, dtype=torch.float64), torch.rand(2, 2, dtype=torch.float64))
+    >>> fit = kronecker_cp(torch.kron(A, torch.rand(4, 4, dtype=torch.float64)), (3, 2, 4), 1)
+    >>> fit.error < 1e-8, [tuple(F.shape) for F in fit.kronecker_factors(0)]
+    (True, [(3, 3), (2, 2), (4, 4)])
+    """
     shape = check_shape(shape)
-    return _parafac(paired_tensor(A, shape), _check_rank(rank), "kronecker", shape, n_iter_max=n_iter_max,
-                    tol=tol, seed=seed)
+    rank = _check_rank(rank)
+    T = paired_tensor(A, shape)
+    if len(shape) == 2:  # an order-2 tensor: its CP is the SVD, exact (Van Loan–Pitsianis)
+        limit = min(T.shape)
+        if rank > limit:
+            raise ValueError(f"rank must be at most min(n_1², n_2²) = {limit} for the fold {shape}, got {rank}")
+        T = T.double()
+        U, s, Vh = torch.linalg.svd(T, full_matrices=False)
+        fitted = (U[:, :rank] * s[:rank]) @ Vh[:rank]
+        error = float(torch.linalg.vector_norm(fitted - T) / torch.linalg.vector_norm(T))
+        return CPFit(form="kronecker", shape=shape, rank=rank, weights=s[:rank].clone(),
+                     factors=[U[:, :rank].clone(), Vh[:rank].T.clone()], error=error, iterations=0)
+    return _parafac(T, rank, "kronecker", shape, n_iter_max=n_iter_max, tol=tol, seed=seed)
 
 
 def energy_curves(A: torch.Tensor, shape: Sequence[int], ranks: Sequence[int], *, forms: Sequence[str] = FORMS,
