@@ -232,7 +232,7 @@ def _tv(T: torch.Tensor, A_rows: torch.Tensor) -> float:
 
 
 def map_summary(A: torch.Tensor, folds, rows: torch.Tensor) -> dict:
-    """The numbers of one map for the summary (float64 ``A``): matrix energies at
+    """The numbers of one map for the summary (spectra and distances in float32): matrix energies at
     SUMMARY_RANKS; per fold, Kronecker energies at KRON_RANKS (2-dim folds: exact; more dims:
     rank 1 of the m-factor sum), and the mean row TV distance of each variant's attention to
     ``A`` over ``rows``; the sliding-window control per distinct last dim."""
@@ -240,22 +240,23 @@ def map_summary(A: torch.Tensor, folds, rows: torch.Tensor) -> dict:
     from .kronecker import energy_captured, kronecker_spectrum, matrix_spectrum
     from .maps import tensorized_operator
 
-    e = energy_captured(matrix_spectrum(A, method="gram"))
+    e = energy_captured(matrix_spectrum(A, method="gram", dtype=torch.float32))
     out: dict[str, Any] = {"matrix": [float(e[r]) for r in SUMMARY_RANKS if r < len(e)], "folds": {}, "window": {}}
-    A_rows = A[rows]
+    A32 = A.float()
+    A_rows = A32[rows]
     for fold in folds:
         entry: dict[str, Any] = {}
         if len(fold) == 2:
-            ek = energy_captured(kronecker_spectrum(A, fold, method="gram"))
+            ek = energy_captured(kronecker_spectrum(A, fold, method="gram", dtype=torch.float32))
             entry["kron"] = [float(ek[r]) for r in KRON_RANKS if r < len(ek)]
         else:
             entry["kron"] = [kronecker_cp(A, fold, 1).energy]
-        entry["tv"] = {name: _tv(tensorized_operator(A, fold, rows=rows, **kw), A_rows)
+        entry["tv"] = {name: _tv(tensorized_operator(A32, fold, rows=rows, **kw), A_rows)
                        for name, kw in _variants(fold).items()}
         out["folds"][_name(fold)] = entry
         w = fold[-1]
         if str(w) not in out["window"]:
-            out["window"][str(w)] = _tv(tensorized_operator(A, fold, order=(len(fold) - 1,), sinks=PILOT_SINKS,
+            out["window"][str(w)] = _tv(tensorized_operator(A32, fold, order=(len(fold) - 1,), sinks=PILOT_SINKS,
                                                             rows=rows), A_rows)
     return out
 

@@ -112,18 +112,18 @@ def _singular_values(M: torch.Tensor, method: str) -> torch.Tensor:
     return ev.sqrt()
 
 
-def matrix_spectrum(A: torch.Tensor, *, method: str = "svd") -> torch.Tensor:
-    """Singular values of ``A`` (descending), in float64. ``method="gram"``: from the
-    eigenvalues of ``A Aᵀ``, about twice as fast, exact in energy (``σ²``) to
-    ``eps σ_1²`` but not for singular values below about ``1e-8 σ_1``."""
-    return _singular_values(_check_matrix(A).double(), method)
+def matrix_spectrum(A: torch.Tensor, *, method: str = "svd", dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Singular values of ``A`` (descending), computed in ``dtype`` (float64 unless told).
+    ``method="gram"``: from the eigenvalues of ``A Aᵀ``, about twice as fast, exact in energy
+    (``σ²``) to ``eps σ_1²`` but not for singular values below about ``sqrt(eps) σ_1``."""
+    return _singular_values(_check_matrix(A).to(dtype), method)
 
 
 def kronecker_spectrum(A: torch.Tensor, shape: Sequence[int], split: int | None = None, *,
-                       method: str = "svd") -> torch.Tensor:
+                       method: str = "svd", dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The Kronecker spectrum of ``A`` for the fold ``shape`` split at ``split``: the
-    singular values (descending, float64) of its rearrangement (:func:`kronecker_rearrange`);
-    ``min(P², Q²)`` of them.
+    singular values (descending) of its rearrangement (:func:`kronecker_rearrange`), computed
+    in ``dtype``; ``min(P², Q²)`` of them. ``method`` as for :func:`matrix_spectrum`.
 
     >>> A = torch.kron(torch.rand(4, 4, dtype=torch.float64), torch.rand(8, 8, dtype=torch.float64))
     >>> s = kronecker_spectrum(A, (4, 8))
@@ -133,7 +133,7 @@ def kronecker_spectrum(A: torch.Tensor, shape: Sequence[int], split: int | None 
     shape = check_shape(shape)
     _check_matrix(A, shape)
     P, Q = split_sizes(shape, split)
-    return _singular_values(kronecker_rearrange(A.double(), P, Q), method)
+    return _singular_values(kronecker_rearrange(A.to(dtype), P, Q), method)
 
 
 def truncation_errors(s: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ not the tensor positions of DESIGN.md §3); the passes multiply, last on the lef
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -113,6 +114,12 @@ def attention_maps(model, input_ids: torch.Tensor, *, layers: Sequence[int] | No
     return kept
 
 
+@functools.lru_cache(maxsize=128)
+def _mask(N: int, shape: tuple[int, ...], dim: int, mode: str, sinks: int) -> torch.Tensor:
+    """A causal pass mask (cached: the same folds are asked for map after map)."""
+    return pass_mask(N, shape, dim, mode=mode, causal=True, sinks=sinks)
+
+
 def tensorized_operator(attn: torch.Tensor, shape: Sequence[int], *, mode: str = "complete",
                         order: Sequence[int] | None = None, gate: Sequence[float] | None = None,
                         sinks: int = 0, rows: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
@@ -124,7 +131,7 @@ def tensorized_operator(attn: torch.Tensor, shape: Sequence[int], *, mode: str =
     renormalised per row; with a gate ``g_t`` the pass applies ``g_t I + (1 - g_t) P_j``; the
     output is ``P_last ... P_first``. ``order`` may also be a part of the dims: ``order=(m-1,)``
     with sinks is the sliding window of ``n_m`` keys (the control of docs/results.md).
-    Float64. Rows whose pass mask holds no weight at all (weights that underflowed to 0)
+    In ``attn``'s dtype (float32 or float64; others in float64). Rows whose pass mask holds no weight at all (weights that underflowed to 0)
     stay zero. ``rows``: only these query rows of the result (``[len(rows), N]``), computed
     from the last pass backwards at a fraction of the cost.
 
@@ -149,13 +156,15 @@ def tensorized_operator(attn: torch.Tensor, shape: Sequence[int], *, mode: str =
     gate = [float(g) for g in gate]
     if len(gate) != len(order) or not all(0.0 <= g <= 1.0 for g in gate):
         raise ValueError(f"gate must hold one value in [0, 1] per pass ({len(order)}), got {gate}")
-    A = attn.double().tril()
-    eye = torch.eye(N, dtype=torch.float64)
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
+    dtype = attn.dtype if attn.dtype in (torch.float32, torch.float64) else torch.float64
+    A = attn.to(dtype).tril()
+    eye = torch.eye(N, dtype=dtype)
     matrices = []
     for dim, g in zip(order, gate, strict=True):
-        mask = pass_mask(N, shape, dim, mode=mode, causal=True, sinks=sinks)
-        P = A * mask
-        P = P / P.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        P = A * _mask(N, shape, dim, mode, sinks)
+        P = P / P.sum(-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
         matrices.append(g * eye + (1 - g) * P if g else P)
     if rows is not None:
         rows = torch.as_tensor(rows, dtype=torch.long)
