@@ -503,13 +503,13 @@ def run(args: argparse.Namespace, command: str) -> int:
                   f"{_name(cp_fold)}, A ≈ Σ w_r A_1 ⊗ … ⊗ A_m"))
         per_layer = aggregate["per_layer"]
         x = layers
-        kron_lines = {f"Kronecker {n}": [per_layer[str(l)]["folds"][n]["kron"][0] for l in x] for n in map(_name, folds)}
-        kron_lines["matrix SVD rank 1"] = [per_layer[str(l)]["matrix"][0] for l in x]
-        tv_lines = {f"complete {n}": [per_layer[str(l)]["folds"][n]["tv"]["complete"] for l in x]
+        kron_lines = {f"Kronecker {n}": [per_layer[str(layer)]["folds"][n]["kron"][0] for layer in x] for n in map(_name, folds)}
+        kron_lines["matrix SVD rank 1"] = [per_layer[str(layer)]["matrix"][0] for layer in x]
+        tv_lines = {f"complete {n}": [per_layer[str(layer)]["folds"][n]["tv"]["complete"] for layer in x]
                     for n in map(_name, folds)}
         for w in sorted({str(f[-1]) for f in folds}, key=int):
             if w in ("256", "64", "16"):
-                tv_lines[f"window {w} + {PILOT_SINKS} sinks"] = [per_layer[str(l)]["window"][w] for l in x]
+                tv_lines[f"window {w} + {PILOT_SINKS} sinks"] = [per_layer[str(layer)]["window"][w] for layer in x]
         written.append(plots.plot_folds(
             os.path.join(args.out, "folds.png"), x,
             {"energy captured by one Kronecker product (mean over heads)": kron_lines,
