@@ -171,9 +171,9 @@ def tensorized_operator(attn: torch.Tensor, shape: Sequence[int], *, mode: str =
         if rows.dim() != 1 or rows.numel() == 0 or rows.min() < 0 or rows.max() >= N:
             raise ValueError(f"rows must be a non-empty list of query positions in [0, {N - 1}]")
         out = matrices[-1][rows]
-        for P in reversed(matrices[:-1]):
-            out = out @ P
-        return out
+        for P in reversed(matrices[:-1]):  # out @ P with P sparse: (Pᵀ out ᵀ)ᵀ
+            out = torch.sparse.mm(P.t().to_sparse(), out.t()).t()
+        return out.contiguous()
     out = matrices[0]
     for P in matrices[1:]:  # a pass reads n_j (+ sinks) keys per query: a sparse product, O(N² n_j)
         out = torch.sparse.mm(P.to_sparse(), out)

@@ -7,15 +7,13 @@ pass, so the output at ``p`` depends on ``v[p']`` exactly when the boolean produ
 at ``[p, p']``: the *reachability*. Causal ``block`` leaves earlier pairs unreached (about
 half of them at 4 x 4 x 4); ``complete`` reaches every ``p' <= p`` in any order.
 
-Run ``python -m tensorized_attention.analysis.reachability --shape 4x4 --mode block`` to
-print the ASCII art (and ``--out FILE.png`` to draw the picture).
+``print(draw_reachability((4, 4), mode="block", path="reach.png"))`` prints the ASCII art
+and draws the picture.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +21,7 @@ import torch
 from ..fold import check_shape, coordinates
 from ..passes import MODES, pass_mask
 
-__all__ = ["default_query", "draw_reachability", "main", "reachable", "unreached_pairs"]
+__all__ = ["default_query", "draw_reachability", "reachable", "unreached_pairs"]
 
 MATRIX_LIMIT = 64  # the full N x N matrix is drawn in ASCII up to this N
 
@@ -212,36 +210,3 @@ def _plot(path, shape, mode, causal, order, sinks, masks, reach, *, header, miss
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tensorized_attention.analysis.reachability``: print the ASCII art, write
-    the picture with ``--out``."""
-    from ..cli import _parse_shape
-
-    p = argparse.ArgumentParser(prog="python -m tensorized_attention.analysis.reachability",
-                                description="Draw the pass masks and the reachability of tensorized attention.")
-    p.add_argument("--shape", type=_parse_shape, default=(4, 4), help="the fold, e.g. 4x4 or 4x4x4")
-    p.add_argument("--mode", choices=MODES, default=None, help="default: complete when causal, else block")
-    p.add_argument("--bidirectional", action="store_true", help="causal=False")
-    p.add_argument("--order", default=None, help="pass order, e.g. 1,0 (default 0, 1, ...)")
-    p.add_argument("--sinks", type=int, default=0)
-    p.add_argument("--seqlen", type=int, default=None, help="default: prod(shape)")
-    p.add_argument("--query", type=int, default=None)
-    p.add_argument("--out", default=None, help="a PNG file for the picture")
-    args = p.parse_args(argv)
-    order = None if args.order is None else [int(x) for x in args.order.split(",")]
-    try:
-        text = draw_reachability(args.shape, mode=args.mode, causal=not args.bidirectional, order=order,
-                                 sinks=args.sinks, seqlen=args.seqlen, query=args.query, path=args.out)
-    except (TypeError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(text)
-    if args.out:
-        print(f"wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
