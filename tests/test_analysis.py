@@ -317,7 +317,7 @@ def test_analyze_command_on_the_tiny_model(tiny, tmp_path, capsys):
         assert chosen["folds"]["8x8"]["kronecker_spectrum"][0] > 0
         assert [c["rank"] for c in chosen["folds"]["4x4x4"]["cp_curve"]] == [1, 2]
         assert 0 <= chosen["folds"]["8x8"]["tv"]["complete"] <= 1
-    assert len(data["maps"]) == 2 * 4  # every head of both layers
+    assert "maps" not in data and data["summary_heads"] == [0, 1, 2, 3]
     assert set(data["summary"]["per_layer"]) == {"0", "1"}
 
     bad = [("--folds", "8x9", "holds 72 positions"), ("--layer", "5", "the model has 2 layers"),

@@ -19,7 +19,9 @@ What it does, for a model, a text and folds of ``--length`` positions each:
    the same scores is from the model's own, as the mean total-variation distance of a row
    (:func:`~tensorized_attention.analysis.maps.tensorized_operator`) over
    ``--operator-rows`` evenly spaced queries (``folds.png``).
-4. ``analysis.json``: all the numbers, the exact command, the text, timings.
+4. ``analysis.json``: the numbers (the chosen map's spectra, first 64 values, and curves;
+   the summary's means over the heads of each layer and over every map), the exact
+   command, the text, timings.
 """
 
 from __future__ import annotations
@@ -445,7 +447,6 @@ def run(args: argparse.Namespace, command: str) -> int:
     collect = sorted(set(layers) | {args.layer})
     summary_maps = args.summary_samples * len(layers) * len(heads)
     t_maps = time.perf_counter()
-    forward_s = 0.0
     with tqdm(total=args.samples * len(collect), desc="maps", unit="layer", disable=args.no_progress) as bar, \
             tqdm(total=summary_maps, desc="summary", unit="map", disable=args.no_progress) as sbar:
         for sample in range(args.samples):
@@ -466,9 +467,7 @@ def run(args: argparse.Namespace, command: str) -> int:
                         sbar.update(1)
                 bar.update(1)
 
-            t0 = time.perf_counter()
             attention_maps(model, window, layers=collect, callback=callback)
-            forward_s += time.perf_counter() - t0
     maps_s = time.perf_counter() - t_maps
     chosen_avg = chosen_sum / args.samples
 
@@ -570,9 +569,7 @@ def run(args: argparse.Namespace, command: str) -> int:
                        "scores at sequence positions"},
         "chosen": _round(chosen, 6),
         "summary": _round(aggregate),
-        "maps": _round(_mean_over_samples(records), 3),
-        "timing_s": {"load": round(load_s, 1), "forward": round(forward_s, 1),
-                     "maps_and_summary": round(maps_s, 1), "chosen_map": round(chosen_s, 1),
+        "timing_s": {"load": round(load_s, 1), "maps_and_summary": round(maps_s, 1), "chosen_map": round(chosen_s, 1),
                      "total": round(elapsed, 1)},
         "device": bench.device_info(device),
         "threads": torch.get_num_threads(),
