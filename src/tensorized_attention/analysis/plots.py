@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 __all__ = ["plot_cp_factors", "plot_energy", "plot_folds", "plot_spectra"]
@@ -144,6 +142,3 @@ def plot_folds(path, layers: list[int], panels: dict, *, title: str) -> str:
     plt.close(fig)
     return str(path)
 
-
-def finite(x: float) -> float | None:
-    return None if x is None or not math.isfinite(x) else x
