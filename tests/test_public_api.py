@@ -30,6 +30,12 @@ EXPECTED = {
     "tensorized_attention.passes": ["FoldPass", "PooledPass", "SelectedPass", "draw_passes", "pass_mask", "plan_passes"],
     "tensorized_attention.ops": ["available_backends", "tensorized_attn", "tensorized_attn_reference"],
     "tensorized_attention.rope": ["TensorPositions", "pass_positions", "rotate", "sink_distances"],
+    "tensorized_attention.analysis": [
+        "CPFit", "attention_cp", "attention_maps", "cp", "draw_reachability", "energy_captured", "energy_curves",
+        "fold_matrix", "kronecker", "kronecker_approximation", "kronecker_cp", "kronecker_rearrange",
+        "kronecker_spectrum", "maps", "matrix_spectrum", "nearest_kronecker", "numerical_rank", "paired_tensor",
+        "reachability", "reachable", "tensorized_operator", "truncation_errors",
+    ],
 }
 
 

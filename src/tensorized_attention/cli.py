@@ -17,6 +17,9 @@ Commands:
 - ``passkey``: passkey retrieval over lengths and depths (:mod:`tensorized_attention.passkey`).
 - ``study``: one configuration of the long-context study, trained and evaluated
   (:mod:`tensorized_attention.study`).
+- ``analyze``: the Kronecker and CP structure of a model's attention maps on a text, for
+  a list of folds: spectra, energy against parameters, CP factors, a JSON summary
+  (:mod:`tensorized_attention.analysis.command`).
 """
 
 from __future__ import annotations
@@ -277,6 +280,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     study.add_arguments(st)
     st.set_defaults(func=study.run)
+
+    an = sub.add_parser(
+        "analyze",
+        help="Kronecker / CP structure of a model's attention maps on a text, for a list of folds",
+        description=(
+            "Run the model (eager attention, hooks) on --samples windows of --length tokens of a text and "
+            "collect its attention maps; for the map of --layer / --head (averaged over the windows, and of the "
+            "first window) plot the sorted normalised singular values beside the Kronecker spectrum of each fold "
+            "(spectra.png), the share of energy captured against parameters by the matrix SVD, the Kronecker sum "
+            "and the order-2m CP (TensorLy) (energy.png) and the Kronecker CP factors (cp_factors.png); for every "
+            "map of --layers x --heads, the energy each fold's Kronecker products capture and how far tensorized "
+            "passes over the fold move the attention (folds.png); write all numbers to analysis.json. See "
+            "docs/analysis.md."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    from .analysis import command as analyze
+
+    analyze.add_arguments(an)
+    an.set_defaults(func=analyze.run)
     return parser
 
 
