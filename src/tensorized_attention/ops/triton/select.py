@@ -104,18 +104,23 @@ def _sink_allowed(SEL, bh, offs_m, m_ok, offs_s, s_ok, N, R, RC, W, BLOCK_R: tl.
 
 
 @triton.jit
-def _pair_tile(PAIR, TILE_GROUP, TILE_START, OFFS, t, n_blocks, R, W, BLOCK_M: tl.constexpr):
-    """Tile t of the pairs: its group (head bh, block blk), its rows' queries p, slots and
-    angles A = (r - slot + 1) W - 1, and which rows are pairs."""
-    g = tl.load(TILE_GROUP + t)
-    start = tl.load(TILE_START + t)
-    end = tl.load(OFFS + g + 1)
+def _pair_rows(PAIR, start, end, R, W, BLOCK_M: tl.constexpr):
+    """Pairs start .. start + BLOCK_M - 1 (below end): their queries p, slots and angles
+    A = (r - slot + 1) W - 1 (r = min(p // W, R)), and which rows are pairs."""
     rows = start + tl.arange(0, BLOCK_M)
     ok = rows < end
     pair = tl.load(PAIR + rows, mask=ok, other=0)
     p = pair // R
     slot = pair % R
-    return g // n_blocks, g % n_blocks, p, slot, (tl.minimum(p // W, R) - slot + 1) * W - 1, ok
+    return p, slot, (tl.minimum(p // W, R) - slot + 1) * W - 1, ok
+
+
+@triton.jit
+def _pair_tile(PAIR, TILE_GROUP, TILE_START, OFFS, t, n_blocks, R, W, BLOCK_M: tl.constexpr):
+    """Tile t of the pairs: its group (head bh, block blk) and its rows (:func:`_pair_rows`)."""
+    g = tl.load(TILE_GROUP + t)
+    p, slot, A, ok = _pair_rows(PAIR, tl.load(TILE_START + t), tl.load(OFFS + g + 1), R, W, BLOCK_M)
+    return g // n_blocks, g % n_blocks, p, slot, A, ok
 
 
 @triton.jit
@@ -471,11 +476,7 @@ def _blocks_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     e1 = tl.load(OFFS + g + 1)
     for e in range(tl.load(OFFS + g), e1, BLOCK_M):
-        rows = e + tl.arange(0, BLOCK_M)
-        ok = rows < e1
-        pair = tl.load(PAIR + rows, mask=ok, other=0)
-        p = pair // R
-        A = (tl.minimum(p // W, R) - pair % R + 1) * W - 1
+        p, _, A, ok = _pair_rows(PAIR, e, e1, R, W, BLOCK_M)
         q1, q2 = _halves(QC + q_head, p, ok, stride_qn, offs_h, h_ok, HALF)
         if ROPE:
             q1, q2 = _rotated(q1, q2, A, COS, SIN, offs_h, h_ok, HALF, False)
