@@ -15,22 +15,25 @@ from tensorized_attention.rope import rotate  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _expected(x, y, inv_freq, divisors, scale, inverse):
+def _expected(x, y, inv_freq, divisors, moduli, scale, inverse):
     """rope.rotate pass by pass ([B, N, H, D] in, positions at -2 as rotate wants them)."""
     N = x.shape[1]
     out = []
-    for d in divisors:
+    for d, mod in zip(divisors, moduli, strict=True):
         if d == 0:
             out.append(y)
         else:
             pos = torch.div(torch.arange(N, device=x.device), d, rounding_mode="floor")
+            pos = pos % mod if mod else pos
             out.append(rotate(x.transpose(1, 2), pos, inv_freq, scale=scale, inverse=inverse).transpose(1, 2))
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("divisors, scale, inverse", [([7, 1], 1.0, False), ([1], 1.0, True), ([13, 0, 1], 1.2, False)])
+@pytest.mark.parametrize("divisors, moduli, scale, inverse", [
+    ([7, 1], [0, 0], 1.0, False), ([1], [0], 1.0, True), ([13, 0, 1], [0, 0, 16], 1.2, False),
+    ([1, 1], [0, 32], 1.0, True)])
 @pytest.mark.parametrize("D", [32, 24])
-def test_rotate_passes_equals_rope_rotate_with_gradients(divisors, scale, inverse, D):
+def test_rotate_passes_equals_rope_rotate_with_gradients(divisors, moduli, scale, inverse, D):
     g = torch.Generator().manual_seed(D + len(divisors))
     B, N, H = 2, 91, 3
     x = torch.randn(B, N, H, D, generator=g).to(DEVICE)
@@ -38,9 +41,9 @@ def test_rotate_passes_equals_rope_rotate_with_gradients(divisors, scale, invers
     inv_freq = (1.0 / 500.0 ** (torch.arange(0, D, 2) / D)).to(DEVICE)
     cos, sin = rotary_tables(N, inv_freq, DEVICE)
     xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
-    out = rotate_passes(xs, ys, cos, sin, divisors, scale, inverse)
+    out = rotate_passes(xs, ys, cos, sin, divisors, moduli, scale, inverse)
     xr, yr = x.clone().requires_grad_(), y.clone().requires_grad_()
-    want = _expected(xr, yr, inv_freq, divisors, scale, inverse)
+    want = _expected(xr, yr, inv_freq, divisors, moduli, scale, inverse)
     assert out.shape == (len(divisors), B, N, H, D)
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
     upstream = torch.randn(out.shape, generator=g).to(DEVICE)
@@ -59,9 +62,9 @@ def test_rotate_passes_reads_strided_inputs_and_keeps_bfloat16():
     x = torch.randn(B, H, N, D, dtype=torch.bfloat16).to(DEVICE).transpose(1, 2)  # strided [B, N, H, D]
     inv_freq = (1.0 / 100.0 ** (torch.arange(0, D, 2) / D)).to(DEVICE)
     cos, sin = rotary_tables(N, inv_freq, DEVICE)
-    out = rotate_passes(x, x, cos, sin, [4], 1.0, False)
+    out = rotate_passes(x, x, cos, sin, [4], [0], 1.0, False)
     assert out.dtype == torch.bfloat16
-    want = _expected(x, x, inv_freq, [4], 1.0, False)
+    want = _expected(x, x, inv_freq, [4], [0], 1.0, False)
     torch.testing.assert_close(out.float(), want.float(), atol=1e-2, rtol=1e-2)
 
 
@@ -69,5 +72,5 @@ def test_rotate_passes_opcheck():
     x = torch.randn(1, 20, 2, 16, device=DEVICE, requires_grad=True)
     cos, sin = rotary_tables(20, (1.0 / 100.0 ** (torch.arange(0, 16, 2) / 16)).to(DEVICE), DEVICE)
     utils = None if DEVICE == "cuda" else ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(rotate_passes, (x, x, cos, sin, [3, 0], 1.0, False),
+    torch.library.opcheck(rotate_passes, (x, x, cos, sin, [3, 0], [5, 0], 1.0, False),
                           **({} if utils is None else {"test_utils": utils}))

@@ -330,13 +330,14 @@ def _rotated_per_pass(q, k, shape, order, sinks, positions):
     cos, sin = rotary_tables(N, inv_freq, q.device)
     rope_scale = 1.0 if positions.rotated else positions.attention_scaling
     if positions.rotated:  # back to unrotated (times the model's attention scaling)
-        qi, ki = (rotate_passes(x, x, cos, sin, [1], 1.0, True)[0] for x in (q, k))
+        qi, ki = (rotate_passes(x, x, cos, sin, [1], [0], 1.0, True)[0] for x in (q, k))
     else:
         qi, ki = q, k
     st = strides(shape)
     divisors = [0 if st[dim] == 1 and positions.rotated else st[dim] for dim in order]
-    qs = rotate_passes(qi, q, cos, sin, divisors, rope_scale, False)  # [m, B, N, H, D]
-    ks = rotate_passes(ki, k, cos, sin, divisors, rope_scale, False)
+    moduli = [0] * len(divisors)
+    qs = rotate_passes(qi, q, cos, sin, divisors, moduli, rope_scale, False)  # [m, B, N, H, D]
+    ks = rotate_passes(ki, k, cos, sin, divisors, moduli, rope_scale, False)
     count = min(sinks, N)
     if not count:
         return qs, ks, None, None

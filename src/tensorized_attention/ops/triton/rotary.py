@@ -2,7 +2,8 @@
 one kernel, ``tensorized_attention::rotate_passes``.
 
 Pass ``t`` of stride ``s_t`` rotates position ``p`` at its tensor position ``p // s_t``
-(DESIGN.md §3). The kernel reads x once per tile and writes each pass's rotated copy into
+(DESIGN.md §3); the selected pass's keys are rotated at their offset in their block,
+``p mod W``. The kernel reads x once per tile and writes each pass's rotated copy into
 one ``[m, B, N, H, D]`` tensor, the cosines and sines read from a table of the positions
 ``0 .. N-1`` computed in PyTorch exactly as :func:`tensorized_attention.rope.rotate`
 computes them (float32 angles); a pass of divisor 0 takes a second input ``y`` as it is
@@ -21,14 +22,24 @@ from ...rope import _cos_sin
 
 
 @triton.jit
+def _position(n, div, mod):
+    """The position a pass rotates token n at: n // div, modulo mod when mod > 0."""
+    pos = n // div
+    if mod > 0:
+        pos = pos % mod
+    return pos
+
+
+@triton.jit
 def _rotate_kernel(
-    X, Y, OUT, COS, SIN, DIV,
+    X, Y, OUT, COS, SIN, DIV, MOD,
     stride_xb, stride_xn, stride_xh, stride_yb, stride_yn, stride_yh,
     stride_ot, stride_ob, stride_on, stride_oh,
     N, Hx, M, scale,
     HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, INVERSE: tl.constexpr,
 ):
-    """OUT[t] = scale R(+-(p // DIV[t]) theta) X for each pass t < M; DIV[t] = 0: OUT[t] = Y."""
+    """OUT[t] = scale R(+-(p // DIV[t] mod MOD[t]) theta) X for each pass t < M (MOD[t] = 0:
+    no modulus); DIV[t] = 0: OUT[t] = Y."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(1)
     b = bh // Hx
@@ -47,7 +58,7 @@ def _rotate_kernel(
             tl.store(out, tl.load(y, mask=m, other=0.0), mask=m)
             tl.store(out + HALF, tl.load(y + HALF, mask=m, other=0.0), mask=m)
         else:
-            at = (n // div).to(tl.int64)[:, None] * HALF + offs_h[None, :]
+            at = _position(n, div, tl.load(MOD + t)).to(tl.int64)[:, None] * HALF + offs_h[None, :]
             c = tl.load(COS + at, mask=m, other=1.0)
             s = tl.load(SIN + at, mask=m, other=0.0)
             if INVERSE:
@@ -58,7 +69,7 @@ def _rotate_kernel(
 
 @triton.jit
 def _rotate_back_kernel(
-    G, OUT, COS, SIN, DIV,
+    G, OUT, COS, SIN, DIV, MOD,
     stride_gt, stride_gb, stride_gn, stride_gh, stride_ob, stride_on, stride_oh,
     N, Hx, M, scale,
     HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, INVERSE: tl.constexpr,
@@ -80,7 +91,7 @@ def _rotate_back_kernel(
             g = G + t * stride_gt + b.to(tl.int64) * stride_gb + h * stride_gh + rows * stride_gn + offs_h[None, :]
             g1 = tl.load(g, mask=m, other=0.0).to(tl.float32)
             g2 = tl.load(g + HALF, mask=m, other=0.0).to(tl.float32)
-            at = (n // div).to(tl.int64)[:, None] * HALF + offs_h[None, :]
+            at = _position(n, div, tl.load(MOD + t)).to(tl.int64)[:, None] * HALF + offs_h[None, :]
             c = tl.load(COS + at, mask=m, other=1.0)
             s = tl.load(SIN + at, mask=m, other=0.0)
             if not INVERSE:  # the transpose of the forward's rotation
@@ -111,57 +122,57 @@ def _meta(D):
 
 @triton_op("tensorized_attention::rotate_passes", mutates_args=())
 def rotate_passes(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, divisors: list[int],
-                  scale: float, inverse: bool) -> torch.Tensor:
+                  moduli: list[int], scale: float, inverse: bool) -> torch.Tensor:
     """x, y ``[B, N, Hx, D]``; cos, sin from :func:`rotary_tables`. Returns
     ``[m, B, N, Hx, D]`` (m = len(divisors)): pass t is x rotated at ``p // divisors[t]``
-    (by minus the angle with ``inverse``) times ``scale``, or y as it is where
-    ``divisors[t]`` is 0."""
+    (modulo ``moduli[t]`` where that is not 0; by minus the angle with ``inverse``) times
+    ``scale``, or y as it is where ``divisors[t]`` is 0."""
     B, N, Hx, D = x.shape
     out = x.new_empty((len(divisors), B, N, Hx, D))
-    div = torch.tensor(divisors, dtype=torch.int32, device=x.device)
+    div, mod = (torch.tensor(v, dtype=torch.int32, device=x.device) for v in (divisors, moduli))
     wrap_triton(_rotate_kernel)[_grid(x.shape)](
-        x, y, out, cos, sin, div, *x.stride()[:3], *y.stride()[:3], *out.stride()[:4],
+        x, y, out, cos, sin, div, mod, *x.stride()[:3], *y.stride()[:3], *out.stride()[:4],
         N, Hx, len(divisors), scale, INVERSE=inverse, **_meta(D))
     return out
 
 
 @triton_op("tensorized_attention::rotate_passes_back", mutates_args=())
 def rotate_passes_back(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, divisors: list[int],
-                       scale: float, inverse: bool) -> torch.Tensor:
+                       moduli: list[int], scale: float, inverse: bool) -> torch.Tensor:
     """The gradient of x in :func:`rotate_passes` from ``grad [m, B, N, Hx, D]``."""
     _, B, N, Hx, D = grad.shape
     out = grad.new_empty((B, N, Hx, D))
-    div = torch.tensor(divisors, dtype=torch.int32, device=grad.device)
+    div, mod = (torch.tensor(v, dtype=torch.int32, device=grad.device) for v in (divisors, moduli))
     wrap_triton(_rotate_back_kernel)[_grid(out.shape)](
-        grad, out, cos, sin, div, *grad.stride()[:4], *out.stride()[:3],
+        grad, out, cos, sin, div, mod, *grad.stride()[:4], *out.stride()[:3],
         N, Hx, len(divisors), scale, INVERSE=inverse, **_meta(D))
     return out
 
 
 @rotate_passes.register_fake
-def _(x, y, cos, sin, divisors, scale, inverse):
+def _(x, y, cos, sin, divisors, moduli, scale, inverse):
     return x.new_empty((len(divisors), *x.shape))
 
 
 @rotate_passes_back.register_fake
-def _(grad, cos, sin, divisors, scale, inverse):
+def _(grad, cos, sin, divisors, moduli, scale, inverse):
     return grad.new_empty(grad.shape[1:])
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, cos, sin, divisors, scale, inverse = inputs
+    x, y, cos, sin, divisors, moduli, scale, inverse = inputs
     ctx.save_for_backward(cos, sin)
-    ctx.options = (list(divisors), scale, inverse)
+    ctx.options = (list(divisors), list(moduli), scale, inverse)
 
 
 def _backward(ctx, grad):
     cos, sin = ctx.saved_tensors
-    divisors, scale, inverse = ctx.options
+    divisors, moduli, scale, inverse = ctx.options
     grad = grad.contiguous()
-    dx = rotate_passes_back(grad, cos, sin, divisors, scale, inverse) if any(divisors) else None
+    dx = rotate_passes_back(grad, cos, sin, divisors, moduli, scale, inverse) if any(divisors) else None
     as_is = [t for t, d in enumerate(divisors) if d == 0]  # y's gradient: the passes that took it as it is
     dy = None if not as_is else grad[as_is[0]] if len(as_is) == 1 else grad[as_is].sum(0)
-    return dx, dy, None, None, None, None, None
+    return dx, dy, None, None, None, None, None, None
 
 
 rotate_passes.register_autograd(_backward, setup_context=_setup_context)

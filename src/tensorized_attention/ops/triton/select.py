@@ -754,28 +754,32 @@ def selected_pass(step, q, k, values, *, sinks, scale, positions=None, block_m=N
     """The selected pass alone on the Triton kernels: q [B, N, H, D], k
     [B, N, Hkv, D] as :func:`tensorized_attention.tensorized_attn` takes them (with
     ``positions``, a :class:`~tensorized_attention.rope.TensorPositions`), values
-    [B, N, Hv, D]. Prepares the kernel's operands (one rotated copy of q and two of k)."""
+    [B, N, Hv, D]. Prepares the kernel's operands (rotated copies of q and k, by the rotary
+    kernel: :func:`.rotary.rotate_passes`)."""
     from ...rope import rotate
+    from .rotary import rotary_tables, rotate_passes
 
     N = q.shape[1]
     n_sinks = min(sinks, N)
     if positions is None:
         return selected_pass_triton(step, q, k, q, k, k, k[:, :n_sinks], values, sinks=sinks, scale=scale,
                                     block_m=block_m, block_n=block_n)
-    pos = torch.arange(N, device=q.device)
-
-    def rot(x, at, **kw):  # [B, N, Hx, D] rotated at positions `at` [N]
-        return rotate(x.transpose(1, 2), at, positions.inv_freq, **kw).transpose(1, 2).contiguous()
-
+    cos, sin = rotary_tables(N, positions.inv_freq, q.device)
+    W = step.block
     if positions.rotated:  # a Hugging Face layer's q and k: rotated at 0 .. N-1 and scaled, the window's own
-        q_content, k_content, rope_scale = rot(q, pos, inverse=True), rot(k, pos, inverse=True), 1.0
+        rope_scale = 1.0
         q_window, k_window = q, k
+        q_content, k_content = (rotate_passes(x, x, cos, sin, [1], [0], 1.0, True)[0] for x in (q, k))
+        k_block = rotate_passes(k_content, k_content, cos, sin, [1], [W], 1.0, False)[0]
     else:
-        q_content, k_content, rope_scale = q, k, positions.attention_scaling
-        q_window, k_window = rot(q_content, pos, scale=rope_scale), rot(k_content, pos, scale=rope_scale)
-    k_block = rot(k_content, pos % step.block, scale=rope_scale)
-    k_sink = rot(k_content[:, :n_sinks], pos[:n_sinks], scale=rope_scale)
-    q_content = (q_content.to(torch.float32) * rope_scale).to(q.dtype).contiguous()
-    return selected_pass_triton(step, q_window, k_window, q_content, k_content.contiguous(), k_block, k_sink,
+        rope_scale = positions.attention_scaling
+        q_content, k_content = q, k
+        q_window = rotate_passes(q, q, cos, sin, [1], [0], rope_scale, False)[0]
+        k_window, k_block = rotate_passes(k, k, cos, sin, [1, 1], [0, W], rope_scale, False)
+    pos = torch.arange(n_sinks, device=q.device)
+    k_sink = rotate(k_content[:, :n_sinks].transpose(1, 2), pos, positions.inv_freq, scale=rope_scale).transpose(1, 2)
+    if rope_scale != 1.0:
+        q_content = (q_content.to(torch.float32) * rope_scale).to(q.dtype)
+    return selected_pass_triton(step, q_window, k_window, q_content, k_content, k_block, k_sink,
                                 values, sinks=sinks, scale=scale, inv_freq=positions.inv_freq,
                                 block_m=block_m, block_n=block_n)
