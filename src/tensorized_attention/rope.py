@@ -41,9 +41,15 @@ class TensorPositions:
     rotated: bool = False
 
 
+def rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """The angles ``[..., D/2]`` of ``positions``: ``position * inv_freq`` in float32 (float64
+    for float64 frequencies)."""
+    dtype = torch.promote_types(inv_freq.dtype, torch.float32)
+    return positions.to(dtype)[..., None] * inv_freq.to(device=positions.device, dtype=dtype)
+
+
 def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
-    dtype = torch.promote_types(inv_freq.dtype, torch.float32)  # float32, or float64 for float64 frequencies
-    angles = positions.to(dtype)[..., None] * inv_freq.to(device=positions.device, dtype=dtype)
+    angles = rotary_angles(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # [..., D]
     return angles.cos(), angles.sin()
 

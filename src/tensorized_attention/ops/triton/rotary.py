@@ -18,16 +18,18 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ...rope import _cos_sin
+from ...rope import rotary_angles
 
 
 @triton.jit
-def _position(n, div, mod):
-    """The position a pass rotates token n at: n // div, modulo mod when mod > 0."""
+def _cos_sin_at(COS, SIN, n, div, mod, offs_h, m, HALF: tl.constexpr):
+    """cos and sin [BN, BH] of the position each token n is rotated at in a pass:
+    n // div, modulo mod when mod > 0."""
     pos = n // div
     if mod > 0:
         pos = pos % mod
-    return pos
+    at = pos.to(tl.int64)[:, None] * HALF + offs_h[None, :]
+    return tl.load(COS + at, mask=m, other=1.0), tl.load(SIN + at, mask=m, other=0.0)
 
 
 @triton.jit
@@ -58,9 +60,7 @@ def _rotate_kernel(
             tl.store(out, tl.load(y, mask=m, other=0.0), mask=m)
             tl.store(out + HALF, tl.load(y + HALF, mask=m, other=0.0), mask=m)
         else:
-            at = _position(n, div, tl.load(MOD + t)).to(tl.int64)[:, None] * HALF + offs_h[None, :]
-            c = tl.load(COS + at, mask=m, other=1.0)
-            s = tl.load(SIN + at, mask=m, other=0.0)
+            c, s = _cos_sin_at(COS, SIN, n, div, tl.load(MOD + t), offs_h, m, HALF)
             if INVERSE:
                 s = -s
             tl.store(out, ((x1 * c - x2 * s) * scale).to(OUT.dtype.element_ty), mask=m)
@@ -74,7 +74,7 @@ def _rotate_back_kernel(
     N, Hx, M, scale,
     HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, INVERSE: tl.constexpr,
 ):
-    """OUT = sum over the passes t with DIV[t] > 0 of scale R(-+(p // DIV[t]) theta) G[t]
+    """OUT = sum over the passes t with DIV[t] > 0 of scale R(-+(p // DIV[t] mod MOD[t]) theta) G[t]
     (the gradient of x in :func:`_rotate_kernel`), summed in float32 in the order of t."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     bh = tl.program_id(1)
@@ -91,9 +91,7 @@ def _rotate_back_kernel(
             g = G + t * stride_gt + b.to(tl.int64) * stride_gb + h * stride_gh + rows * stride_gn + offs_h[None, :]
             g1 = tl.load(g, mask=m, other=0.0).to(tl.float32)
             g2 = tl.load(g + HALF, mask=m, other=0.0).to(tl.float32)
-            at = _position(n, div, tl.load(MOD + t)).to(tl.int64)[:, None] * HALF + offs_h[None, :]
-            c = tl.load(COS + at, mask=m, other=1.0)
-            s = tl.load(SIN + at, mask=m, other=0.0)
+            c, s = _cos_sin_at(COS, SIN, n, div, tl.load(MOD + t), offs_h, m, HALF)
             if not INVERSE:  # the transpose of the forward's rotation
                 s = -s
             acc1 += (g1 * c - g2 * s) * scale
@@ -104,11 +102,10 @@ def _rotate_back_kernel(
 
 
 def rotary_tables(seqlen: int, inv_freq: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin ``[seqlen, D/2]`` (float32) of the positions ``0 .. seqlen-1``, as
-    :func:`tensorized_attention.rope.rotate` computes them."""
-    cos, sin = _cos_sin(torch.arange(seqlen, device=device), inv_freq.to(device))
-    half = cos.shape[-1] // 2
-    return cos[:, :half].float().contiguous(), sin[:, :half].float().contiguous()
+    """cos and sin ``[seqlen, D/2]`` (float32) of the positions ``0 .. seqlen-1``, the
+    angles :func:`tensorized_attention.rope.rotate` uses."""
+    angles = rotary_angles(torch.arange(seqlen, device=device), inv_freq)
+    return angles.cos().float().contiguous(), angles.sin().float().contiguous()
 
 
 def _grid(x_shape):

@@ -739,9 +739,9 @@ def selected_pass_triton(step, q_window, k_window, q_content, k_content, k_block
         pair, offsets, tile_group, tile_start = _pairs(sel, R, N // W, block_m)
     n_sinks = min(sinks, N)
     if inv_freq is not None:  # the cosines and sines of every angle the pass meets
-        freq = inv_freq.to(device=q_content.device, dtype=torch.float32)
-        angles = torch.arange((R + 1) * W + n_sinks, device=q_content.device, dtype=torch.float32)[:, None] * freq
-        tables = (torch.cos(angles).contiguous(), torch.sin(angles).contiguous())
+        from .rotary import rotary_tables
+
+        tables = rotary_tables((R + 1) * W + n_sinks, inv_freq.float(), q_content.device)
     else:
         tables = (torch.ones(1, device=q_content.device), torch.zeros(1, device=q_content.device))
     if not n_sinks:
