@@ -279,6 +279,18 @@ def map_summary(A: torch.Tensor, folds, rows: torch.Tensor) -> dict:
     return out
 
 
+
+def _cp_curve(fit_cp, A, fold, ranks, seed, bar) -> list[dict]:
+    """Energy against parameters of a CP fit (``kronecker_cp`` or ``attention_cp``) at each rank."""
+    curve = []
+    for r in ranks:
+        fit = fit_cp(A, fold, r, seed=seed)
+        curve.append({"rank": r, "parameters": fit.parameters, "energy": fit.energy, "iterations": fit.iterations})
+        if bar is not None:
+            bar.update(1)
+    return curve
+
+
 def chosen_analysis(A: torch.Tensor, folds, cp_folds, cp_ranks, rows, *, seed: int, bar=None) -> dict:
     """Spectra, energy curves and operator distances of one map (float64)."""
     from .cp import attention_cp, kronecker_cp, parameters
@@ -315,24 +327,11 @@ def chosen_analysis(A: torch.Tensor, folds, cp_folds, cp_ranks, rows, *, seed: i
                 P, Q = split_sizes(fold, k)
                 ek = energy_captured(kronecker_spectrum(A, fold, k, method="gram"))
                 entry["splits"][f"{P}|{Q}"] = {str(r): float(ek[r]) for r in KRON_RANKS if r < len(ek)}
-            curve = []
-            for r in cp_ranks:
-                fit = kronecker_cp(A, fold, r, seed=seed)
-                curve.append({"rank": r, "parameters": fit.parameters, "energy": fit.energy,
-                              "iterations": fit.iterations})
-                if bar is not None:
-                    bar.update(1)
+            curve = _cp_curve(kronecker_cp, A, fold, cp_ranks, seed, bar)
             entry["kronecker_curve"] = curve
             entry["kronecker_energy"] = {str(c["rank"]): c["energy"] for c in curve if c["rank"] in KRON_RANKS}
         if fold in cp_folds:
-            curve = []
-            for r in cp_ranks:
-                fit = attention_cp(A, fold, r, seed=seed)
-                curve.append({"rank": r, "parameters": fit.parameters, "energy": fit.energy,
-                              "iterations": fit.iterations})
-                if bar is not None:
-                    bar.update(1)
-            entry["cp_curve"] = curve
+            entry["cp_curve"] = _cp_curve(attention_cp, A, fold, cp_ranks, seed, bar)
         entry["tv"] = {name: _tv(tensorized_operator(A, fold, rows=rows, **kw), A_rows)
                        for name, kw in _variants(fold).items()}
         entry["tv"]["window"] = _tv(tensorized_operator(A, fold, order=(len(fold) - 1,), sinks=PILOT_SINKS,

@@ -45,11 +45,7 @@ def plot_spectra(path, spectra: dict, *, title: str) -> str:
         ax.set_title(panel, fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return str(path)
+    return _save(plt, fig, path, title)
 
 
 def plot_energy(path, curves: dict, *, title: str) -> str:
@@ -77,11 +73,7 @@ def plot_energy(path, curves: dict, *, title: str) -> str:
         ax.set_title(panel, fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return str(path)
+    return _save(plt, fig, path, title)
 
 
 def plot_cp_factors(path, rows: dict, *, title: str) -> str:
@@ -115,11 +107,7 @@ def plot_cp_factors(path, rows: dict, *, title: str) -> str:
         for ax in axrow:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return str(path)
+    return _save(plt, fig, path, title, fontsize=9)
 
 
 def plot_folds(path, layers: list[int], panels: dict, *, title: str) -> str:
@@ -136,9 +124,13 @@ def plot_folds(path, layers: list[int], panels: dict, *, title: str) -> str:
         ax.set_ylabel(ylabel, fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, ncol=2 if len(lines) > 6 else 1)
-    fig.suptitle(title, fontsize=10)
+    return _save(plt, fig, path, title)
+
+
+def _save(plt, fig, path, title, fontsize=10) -> str:
+    """Title the figure, write it to ``path`` and close it."""
+    fig.suptitle(title, fontsize=fontsize)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return str(path)
-
