@@ -138,11 +138,12 @@ def _targets(results) -> list[str]:
         out.append("| window: at chance beyond its window (passkey) | "
                    + ", ".join(f"{_label(n)} {fmt(r)}" for n, r in beyond)
                    + f" | {'yes' if all(r <= 0.1 for _, r in beyond) else 'no'} |")
-    full = results["full-pi4-recipe"]
-    p2, p8 = _rate(full, "passkey", K2), _rate(full, "passkey", K8)
-    if full["passkey"]:
-        out.append(f"| full-pi4-recipe: passkey >= 90% at 2k and 8k | {fmt(p2)}, {fmt(p8)} | "
-                   f"{'yes' if p2 is not None and p8 is not None and min(p2, p8) >= 0.9 else 'no'} |")
+    for name in [n for n in RETRIEVAL_CONFIGS if ALL_CONFIGS[n].attention.startswith("full")]:
+        full = results[name]
+        p2, p8 = _rate(full, "passkey", K2), _rate(full, "passkey", K8)
+        if full["passkey"]:
+            out.append(f"| {name}: passkey >= 90% at 2k and 8k | {fmt(p2)}, {fmt(p8)} | "
+                       f"{'yes' if p2 is not None and p8 is not None and min(p2, p8) >= 0.9 else 'no'} |")
     shipped = results["select"]
     if shipped["passkey"]:
         out.append("| select as shipped (no training; reported) | passkey "

@@ -91,6 +91,13 @@ RETRIEVAL_CONFIGS: dict[str, Config] = {
     "full-pi4-recipe": Config("full:linear=4", True,
                               "full attention, position interpolation x4, trained with the retrieval recipe "
                               "(does the recipe keep the model's retrieval?)", RETRIEVAL_RECIPE),
+    "full-recipe": Config("full", True,
+                          "full attention, RoPE as shipped (no interpolation), trained with the retrieval recipe "
+                          "(the recipe's control without position interpolation)", RETRIEVAL_RECIPE),
+    "select4-trained": Config('tensorized:{"shape": [null, 256], "order": [], "positions": "tensor", "sinks": 4, '
+                              '"select": {"block": 256, "topk": 4}}', True,
+                              "window 256 + 4 sinks + the top-4 earlier 256-token blocks, trained (retrieval recipe)",
+                              RETRIEVAL_RECIPE),
 }
 
 ALL_CONFIGS: dict[str, Config] = {**CONFIGS, **RETRIEVAL_CONFIGS}
