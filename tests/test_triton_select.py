@@ -205,15 +205,12 @@ def test_gradients_match_the_reference(case):
     assert all(torch.equal(a, b) for a, b in zip(got, again, strict=True))  # a fixed order of sums
 
 
-def test_auto_keeps_the_reference_until_the_kernels_pass_on_a_gpu(monkeypatch):
-    """backend="auto" runs the selected pass on its kernels only once SELECTED_PASS_AUTO_TRITON
-    is set; backend="triton" runs them whatever it says."""
+def test_only_blocks_the_kernels_tile_run_on_them():
+    """The selected pass runs on its kernels for a block that is a multiple of 16 and an even
+    headdim; anything else is the reference's alone (and says why)."""
     from tensorized_attention.ops import dispatch
 
     q = torch.zeros(1, 8, 2, 32)
-    step = SelectedPass(16, 2)
-    assert dispatch._reference_only(step, False, q, "triton") is None
-    assert "not yet by default" in dispatch._reference_only(step, False, q, "auto")
-    monkeypatch.setattr(dispatch, "SELECTED_PASS_AUTO_TRITON", True)
-    assert dispatch._reference_only(step, False, q, "auto") is None
-    assert "multiple of 16" in dispatch._reference_only(SelectedPass(12, 2), False, q, "triton")
+    assert dispatch._reference_only(SelectedPass(16, 2), False, q) is None
+    assert "multiple of 16" in dispatch._reference_only(SelectedPass(12, 2), False, q)
+    assert "odd headdim" in dispatch._reference_only(SelectedPass(16, 2), False, torch.zeros(1, 8, 2, 31))

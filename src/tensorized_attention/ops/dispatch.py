@@ -144,10 +144,10 @@ def tensorized_attn(
             blocks are seen at virtual places just before the window. Or
             :class:`~tensorized_attention.passes.PooledPass` ``(block)``: the window, one
             summary (mean key, mean value) of every earlier block, and the sinks. ``block``
-            must divide ``prod(shape)`` when fold passes run. ``backend="triton"`` runs the
-            selected pass (forward and backward) for a block that is a multiple of 16
-            (``"auto"`` keeps the reference until those kernels have passed their tests on a
-            GPU: ``ops.dispatch.SELECTED_PASS_AUTO_TRITON``); the pooled pass is reference only.
+            must divide ``prod(shape)`` when fold passes run. The Triton backend (``"auto"`` on
+            CUDA) runs the selected pass, forward and backward, for a block that is a multiple
+            of 16 and an even headdim (else "auto" picks the reference); the pooled pass is
+            reference only.
         relay: key relay (DESIGN.md §8): each fold pass mixes the keys with the weights it
             mixes the values with, ``K_t = g K_{t-1} + (1 - g) A_t K_{t-1}`` (``K_0 = k``), and
             pass t scores q against ``K_{t-1}`` (rotated at its tensor positions), so a relay
@@ -198,7 +198,7 @@ def tensorized_attn(
     elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     _check_positions(positions, D, q.device)
-    backend = _choose_backend(backend, q, reference_only=_reference_only(select, relay, q, backend))
+    backend = _choose_backend(backend, q, reference_only=_reference_only(select, relay, q))
     options = dict(causal=causal, mode=mode, order=order, gate=gate, sinks=sinks, softmax_scale=float(softmax_scale))
     if backend == "triton":
         from .triton import tensorized_attn_triton
@@ -209,16 +209,9 @@ def tensorized_attn(
     return tensorized_attn_reference(q, k, v, shape, positions=positions, select=select, relay=relay, **options)
 
 
-# Whether backend="auto" runs the selected pass on its Triton kernels. They are tested
-# under Triton's interpreter only so far; until their tests pass on a GPU, "auto" keeps the
-# reference (backend="triton" runs them).
-SELECTED_PASS_AUTO_TRITON = False
-
-
-def _reference_only(select, relay, q, backend: str) -> str | None:
+def _reference_only(select, relay, q) -> str | None:
     """What in this call only the reference backend computes, if anything: key relay, a
-    pooled pass, or a selected pass with a block the kernels' tiles do not divide (or, for
-    backend="auto", any selected pass while SELECTED_PASS_AUTO_TRITON is off)."""
+    pooled pass, or a selected pass with a block the kernels' tiles do not divide."""
     if relay:
         return "relay"
     if isinstance(select, PooledPass):
@@ -226,8 +219,6 @@ def _reference_only(select, relay, q, backend: str) -> str | None:
     if isinstance(select, SelectedPass):
         if select.block % 16 or q.shape[-1] % 2:
             return "SelectedPass with a block that is not a multiple of 16 or an odd headdim"
-        if backend == "auto" and not SELECTED_PASS_AUTO_TRITON:
-            return "SelectedPass (not yet by default)"
     return None
 
 
