@@ -26,6 +26,8 @@ def main(argv=None):
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--kernels", type=int, default=0, metavar="K",
+                   help="also profile one forward+backward (torch.profiler) and record its K costliest GPU kernels")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     N, H, Hkv, D = args.seqlen, args.heads, args.kv_heads, args.headdim
@@ -59,9 +61,28 @@ def main(argv=None):
     time("selected pass fwd+bwd", fwd_bwd)
     result = {"device": torch.cuda.get_device_name(), "args": vars(args), "command": "python " + " ".join(sys.argv),
               "rows": rows}
+    if args.kernels:
+        result["kernels"] = _costliest_kernels(fwd_bwd, args.kernels)
+        for r in result["kernels"]:
+            print(f"  {r['ms']:9.3f} ms  x{r['calls']}  {r['name'][:90]}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def _costliest_kernels(fn, count):
+    """The ``count`` GPU kernels with the most device time in one call of ``fn`` (after a warm
+    call): name, calls, milliseconds."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    rows = [{"name": e.key, "calls": e.count, "ms": e.device_time_total / 1e3} for e in prof.key_averages()
+            if e.device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["ms"])[:count]
 
 
 if __name__ == "__main__":
