@@ -5,7 +5,8 @@ Commands:
 - ``bench``: time and measure the peak memory of the tensorized operator against full
   attention (``torch.nn.functional.scaled_dot_product_attention``) over sequence lengths;
   prints a table and writes ``bench.json`` and ``bench.png`` (see
-  :mod:`tensorized_attention.bench`).
+  :mod:`tensorized_attention.bench`). ``bench model`` runs the end-to-end benchmark of
+  Llama-shaped models instead (:mod:`tensorized_attention.bench_model`).
 - ``perplexity``: the perplexity of a pretrained model (default SmolLM2-135M, see
   :mod:`tensorized_attention.models`) over long texts or a corpus split, window by window,
   at one or several contexts, with the attention of ``--attention``
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Time (median of --repeats calls) and measure the peak memory of tensorized_attn "
             "and of torch.nn.functional.scaled_dot_product_attention (causal, same q, k, v) "
             "for each sequence length; print a table and write bench.json and bench.png "
-            "into --out."
+            "into --out. 'bench model [options]' runs the end-to-end benchmark of Llama-shaped "
+            "models instead (prefill, training step, decoding; see 'bench model --help')."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -471,6 +473,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     argv = list(argv)
+    if argv[:2] == ["bench", "model"]:  # the end-to-end benchmark has its own options
+        from . import bench_model
+
+        return bench_model.main(argv[2:], command=shlex.join([PROG, *argv]))
     parser = build_parser()
     args = parser.parse_args(argv)
     command = shlex.join([PROG, *argv])
