@@ -533,7 +533,8 @@ def _extrapolate(history: list[tuple[int, float]], N: int) -> float | None:
 
 
 def device_record(device: torch.device) -> dict[str, Any]:
-    """Device name, memory, and the versions of torch, transformers, triton and the peers."""
+    """Device name, memory, and the versions of torch, transformers, triton and the peers' packages
+    (None: not installed)."""
     import transformers
 
     info: dict[str, Any] = {"device": device.type, "torch": torch.__version__,
@@ -547,12 +548,13 @@ def device_record(device: torch.device) -> dict[str, Any]:
         from .bench import _cpu_name
 
         info["name"] = _cpu_name()
-    for module, key in (("triton", "triton"), ("fla", "fla-core"), ("flash_attn.cute", "flash-attn-4")):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("triton", "fla-core", "flash-attn-4", "nvidia-cutlass-dsl"):
         try:
-            imported = __import__(module, fromlist=["_"])
-            info[key] = getattr(imported, "__version__", "installed")
-        except Exception as err:  # noqa: BLE001 - a peer that does not import is recorded, not fatal
-            info[key] = f"not available: {_error_text(err)}"
+            info[package] = version(package)
+        except PackageNotFoundError:
+            info[package] = None
     return info
 
 
