@@ -172,8 +172,11 @@ def _register(name: str, fn) -> None:
 
 
 def noop_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Zeros [B, q_len, H, D] that stay in the autograd graph of q, k and v (their gradients
-    are zeros, so the projections' backward still runs): the model without its attention."""
+    """Zeros [B, q_len, H, D]: the model without its attention. Under autograd they stay in
+    the graph of q, k and v (their gradients are zeros, so the projections' backward still
+    runs); without it they are a plain allocation."""
+    if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     zero = (key.sum() + value.sum()) * 0
     return (query.transpose(1, 2) * 0 + zero).contiguous(), None
 
@@ -941,8 +944,9 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> str:
         for system in dict.fromkeys(r["system"] for r in rows):
             pts = sorted((r["N"], r["ms_model"]) for r in rows if r["system"] == system and r.get("status") == "ok")
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-" if system == "tensorized" else "s--",
-                        label=system)
+                style = {"tensorized": "o-", "noop": ":"}.get(system, "s--")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=system,
+                        **({"color": "0.5"} if system == "noop" else {}))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("tokens N")
