@@ -49,7 +49,7 @@ def result(tmp_path_factory):
     tasks = [
         bm.Task(TINY, "prefill", (32, 64), ("tensorized", "sdpa", "fails", "ooms", "absent")),
         bm.Task(TINY, "train", (64,), ("tensorized", "sdpa")),
-        bm.Task(TINY, "decode", (48,), ("tensorized", "sdpa"), decode_tokens=3),
+        bm.Task(TINY, "decode", (256,), ("tensorized", "sdpa"), decode_tokens=3),  # N = the capacity
         bm.Task(TINY, "prefill", (32,), ("sdpa",), layers=1),
     ]
     out = bm.run_plan(tasks, device="cpu", repeats=2, budget_s=5.0, out_path=str(path), command="test",
@@ -83,7 +83,7 @@ def test_json_record(result):
 
 def test_measurements_and_attention_share(result):
     out, _ = result
-    for measurement, N in (("prefill", 32), ("prefill", 64), ("train", 64), ("decode", 48)):
+    for measurement, N in (("prefill", 32), ("prefill", 64), ("train", 64), ("decode", 256)):
         noop = _row(out, measurement, N, "noop")
         assert noop["status"] == "ok" and noop["ms"] > 0 and "attention_share" not in noop
         for system in ("tensorized", "sdpa"):
@@ -105,12 +105,12 @@ def test_layers_scaled(result):
 def test_decode_cache_bytes(result):
     out, _ = result
     full = 2 * 2 * 2 * 16 * 4  # layers x kv heads x head dim x float32, keys and values
-    sdpa = _row(out, "decode", 48, "sdpa")
+    sdpa = _row(out, "decode", 256, "sdpa")
     assert sdpa["full_cache_bytes_per_token"] == full
     assert sdpa["cache_bytes_per_token"] == pytest.approx(full) and sdpa["cache_ratio_to_full"] == pytest.approx(1.0)
-    ten = _row(out, "decode", 48, "tensorized")
+    ten = _row(out, "decode", 256, "tensorized")
     # keys and values plus the ring buffers of the coarse pass (256 positions x 4 heads x 16 per layer)
-    assert ten["cache_bytes"] == 48 * full + 2 * 256 * 4 * 16 * 4 + 2 * 4 * 4 * 16 * 4
+    assert ten["cache_bytes"] == 256 * full + 2 * 256 * 4 * 16 * 4 + 2 * 4 * 4 * 16 * 4
     assert ten["tokens_per_s"] > 0 and ten["prefill_ms"] > 0
 
 
@@ -137,7 +137,7 @@ def test_markdown_table_and_summary(result):
     assert "error" in line and "n/a" in line and line.rstrip(" |").split("**")[1] in ("tensorized", "sdpa")
     assert "cache B/token" in text and "Not measured:" in text and "refuses the shapes" in text
     lines = bm.summary(out)
-    assert any(ln.startswith("tiny decode b1 N=48: tensorized") and "B/token" in ln for ln in lines)
+    assert any(ln.startswith("tiny decode b1 N=256: tensorized") and "B/token" in ln for ln in lines)
 
 
 def test_plot_and_report_script(result, tmp_path):

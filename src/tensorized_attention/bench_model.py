@@ -728,6 +728,11 @@ def _row(task: Task, N: int, system: str, **extra) -> dict[str, Any]:
 
 def _measure(task: Task, system: System, model, ids, device, *, repeats: int, budget_s: float,
              max_call_s: float) -> dict[str, Any]:
+    if task.measurement == "decode":
+        # the model's capacity holds the prefill and the decoded tokens: a fold [None, 256]
+        # then keeps its first dimension while decoding (tensorized decoding needs a fixed fold)
+        need = ids.shape[1] + task.decode_tokens
+        model.config.max_position_embeddings = max(model.config.max_position_embeddings, need)
     system.apply(model)
     scale = task.model.layers / task.layers_measured
     with system.enter():
