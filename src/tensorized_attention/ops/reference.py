@@ -21,7 +21,7 @@ from ..fold import fold_size, strides
 from ..passes import FoldPass, PooledPass, SelectedPass, plan_passes
 from ..rope import TensorPositions, pass_positions, rotate, sink_distances
 
-__all__ = ["tensorized_attn_reference"]
+__all__ = ["fold_pass_reference", "tensorized_attn_reference"]
 
 
 def tensorized_attn_reference(
@@ -102,6 +102,71 @@ def tensorized_attn_reference(
     return out
 
 
+def fold_pass_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    values: torch.Tensor,
+    step: FoldPass,
+    slot_positions: torch.Tensor,
+    *,
+    layout_stride: int,
+    seqlen: int,
+    shape: tuple[int, ...],
+    sinks: int,
+    sink_k: torch.Tensor | None,
+    sink_v: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    softmax_scale: float,
+    positions: TensorPositions | None = None,
+) -> torch.Tensor:
+    """One fold pass of the operator over a subset of the positions of a longer sequence
+    (what a rank of a sequence-parallel group computes: :mod:`tensorized_attention.distributed`).
+
+    The ``P`` slots hold the positions ``slot_positions [P]`` (int64) of a sequence of
+    ``seqlen`` positions folded as ``shape``; a slot at ``>= seqlen`` is padding. They must be
+    laid out as whole fibers of ``step`` (the pass of the whole sequence, :class:`FoldPass`):
+    slot ``(c * step.size + t) * layout_stride + r`` holds coordinate ``t`` of ``step.dim``, and
+    its window (``complete``) or fiber (``block``) lies in the slots ``(c' * step.size + t') *
+    layout_stride + r`` with the same ``r``, ordered as in the sequence. Outputs are exact
+    for every slot whose keys are all present (the others are the caller's to drop).
+
+    q ``[B, P, H, D]``, k ``[B, P, H_kv, D]``, values (the pass's input) ``[B, P, H_kv or H,
+    D]``; sink_k ``[B, S, H_kv, D]`` and sink_v ``[B, S, H_kv or H, D]``: the keys and input
+    values of positions ``0 .. S-1`` (``S = min(sinks, seqlen)``; None when ``S = 0``); gate:
+    this pass's ``[H]`` or None; positions: rotary tensor positions with q and k unrotated
+    (``rotated=False``), pass ``step`` rotating slot ``i`` at ``slot_positions[i] //
+    step.stride``. Returns ``[B, P, H, D]`` in q's dtype."""
+    B, P, H, D = q.shape
+    Hkv = k.shape[2]
+    G = H // Hkv
+    if P % (step.size * layout_stride):
+        raise ValueError(f"{P} slots are not whole fibers of {step.size} x {layout_stride} slots")
+    if positions is not None and positions.rotated:
+        raise ValueError("fold_pass_reference takes unrotated q and k (positions.rotated=False)")
+
+    def internal(x: torch.Tensor) -> torch.Tensor:  # [B, P, Hx, D] -> [B, H_kv, Hx / H_kv, P, D]
+        return x.reshape(B, x.shape[1], Hkv, x.shape[2] // Hkv, D).permute(0, 2, 3, 1, 4)
+
+    qi, ki, vi = internal(q), internal(k), internal(values)
+    sink_count = 0 if sink_k is None else sink_k.shape[1]
+    sk = None if sink_k is None else internal(sink_k)
+    sv = None if sink_v is None else internal(sink_v)
+    sq = None
+    if positions is not None:
+        rope_scale = positions.attention_scaling
+        tensor_pos = pass_positions(slot_positions, step.stride)
+        qi, ki = (rotate(x, tensor_pos, positions.inv_freq, scale=rope_scale) for x in (qi, ki))
+        if sink_count:
+            sq = (internal(q).to(torch.float32) * rope_scale).to(q.dtype)  # rotated at 0
+            dist = sink_distances(shape[step.dim], sinks)[:sink_count].to(q.device)
+            sk = rotate(sk, -dist, positions.inv_freq, scale=rope_scale)
+    layout = FoldPass(dim=step.dim, size=step.size, stride=layout_stride, mode=step.mode, causal=step.causal)
+    g = None if gate is None else gate.reshape(Hkv, G, 1, 1)
+    out = _fold_pass(layout, qi, ki, vi, g, shape, seqlen, sink_count, slot_positions, softmax_scale, sq, sk,
+                     sink_v=sv, mask_step=step)
+    return out.permute(0, 3, 1, 2, 4).reshape(B, P, H, D)
+
+
 def _to_output(x: torch.Tensor, seqlen: int) -> torch.Tensor:
     """[B, H_kv, G, P, D] -> [B, seqlen, H_kv * G, D]."""
     B, Hkv, G, _, D = x.shape
@@ -122,11 +187,20 @@ def _unfibers(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).reshape(*lead, C * n * s, D)
 
 
-def _fold_pass(step, q, k, values, gate, shape, seqlen, sink_count, positions, scale, sink_q=None, sink_k=None):
+def _fold_pass(step, q, k, values, gate, shape, seqlen, sink_count, positions, scale, sink_q=None, sink_k=None,
+               sink_v=None, mask_step=None):
     """One FoldPass. q: [B, Hkv, G, P, D]; k: [B, Hkv, 1 or G, P, D]; values: [B, Hkv, 1 or
     G, P, D]. The sinks are scored with ``sink_q`` and ``sink_k [B, Hkv, 1 or G, S, D]`` when
-    given (tensor positions), else with q and the first keys of k."""
-    n, s = step.size, step.stride
+    given (tensor positions), else with q and the first keys of k; their values are
+    ``sink_v [B, Hkv, 1 or G, S, D]`` when given, else the first rows of ``values``.
+
+    ``positions [P]``: the position in the sequence of each slot (``arange(P)`` for the whole
+    fold; a subset of a longer sequence laid out as fibers of ``step`` otherwise, slots at
+    ``>= seqlen`` being padding). ``step`` lays out the fibers; ``mask_step`` (default
+    ``step``) is the pass of the whole sequence, which decides which sinks a query's pass
+    mask already holds."""
+    n = step.size
+    mask_step = step if mask_step is None else mask_step
     qf, kf, vf = _fibers(q, step), _fibers(k, step), _fibers(values, step)
     pos = _fibers(positions[:, None], step)[..., 0]  # [C, s, n]: position of each fiber slot
     if step.mode == "complete":
@@ -134,7 +208,8 @@ def _fold_pass(step, q, k, values, gate, shape, seqlen, sink_count, positions, s
         # followed by this one; query slot i reads key slot j iff 0 <= (i + n) - j < n.
         kf = torch.cat([_shift_fibers(kf), kf], dim=-2)
         vf = torch.cat([_shift_fibers(vf), vf], dim=-2)
-        key_pos = torch.cat([pos - n * s, pos], dim=-1)  # [C, s, 2n]; negative: no key
+        before = F.pad(pos, (0, 0, 0, 0, 1, 0), value=-1)[:-1]  # the previous fiber's positions; -1: none
+        key_pos = torch.cat([before, pos], dim=-1)  # [C, s, 2n]; negative: no key
         i = torch.arange(n, device=q.device)[:, None]
         j = torch.arange(2 * n, device=q.device)[None, :]
         allowed = ((i + n - j) >= 0) & ((i + n - j) < n)  # [n, 2n]
@@ -166,8 +241,8 @@ def _fold_pass(step, q, k, values, gate, shape, seqlen, sink_count, positions, s
         else:
             sink_scores = torch.einsum("bhgcsid,bhgjd->bhgcsij", sq, sk) * scale
         p = pos[..., None]  # [C, s, n, 1]
-        sink = positions[:sink_count]
-        sink_allowed = ~step.reads(p, sink, shape)
+        sink = torch.arange(sink_count, device=q.device)
+        sink_allowed = ~mask_step.reads(p, sink, shape)
         if step.causal:
             sink_allowed &= sink <= p
         sink_scores = sink_scores.to(acc).masked_fill(~sink_allowed, float("-inf"))
@@ -176,7 +251,8 @@ def _fold_pass(step, q, k, values, gate, shape, seqlen, sink_count, positions, s
     n_keys = kf.shape[-2]
     out = _mix(weights[..., :n_keys], vf)
     if sink_count:
-        out = out + _mix_sinks(weights[..., n_keys:], values[..., :sink_count, :])
+        sv = values[..., :sink_count, :] if sink_v is None else sink_v
+        out = out + _mix_sinks(weights[..., n_keys:], sv)
     out = _unfibers(out)  # [B, Hkv, G, P, D]
     if gate is not None:
         g = gate.to(acc)

@@ -134,7 +134,7 @@ def triton_fwd(
     2..m, attn [m, B, N, H, D] = the attention output of each pass (gate only), lse
     [m, B*H, N] float32; the last three are empty unless ``for_backward``."""
     _, B, N, H, D = q.shape
-    m = len(shape)
+    m = len(order)  # passes (a permutation of the dims; fewer for one pass of a sub-problem)
     P = fold_size(shape)
     st = strides(shape)
     keep = for_backward
@@ -165,7 +165,7 @@ def triton_bwd(
     pass when q, k are); dgate is [H, m] float32; empty where there is no such input."""
     Pq, B, N, H, D = q.shape
     Pk, Hkv = k.shape[0], k.shape[3]
-    m = len(shape)
+    m = len(order)  # passes (a permutation of the dims; fewer for one pass of a sub-problem)
     P = fold_size(shape)
     st = strides(shape)
     dout = dout.contiguous()
@@ -249,7 +249,7 @@ def triton_bwd(
 @triton_fwd.register_fake
 def _(q, k, v, gate, sink_q, sink_k, shape, order, causal, complete, sinks, scale, for_backward):
     _, B, N, H, D = q.shape
-    m = len(shape)
+    m = len(order)  # passes (a permutation of the dims; fewer for one pass of a sub-problem)
     keep = for_backward
     return (
         q.new_empty((B, N, H, D)),
@@ -262,7 +262,7 @@ def _(q, k, v, gate, sink_q, sink_k, shape, order, causal, complete, sinks, scal
 @triton_bwd.register_fake
 def _(dout, q, k, v, gate, sink_q, sink_k, out, values, attn, lse, shape, order, causal, complete, sinks, scale):
     _, B, N, H, D = q.shape
-    m = len(shape)
+    m = len(order)  # passes (a permutation of the dims; fewer for one pass of a sub-problem)
     return (
         q.new_empty(q.shape),
         k.new_empty(k.shape),

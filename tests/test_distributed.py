@@ -1,0 +1,176 @@
+"""Sequence parallelism (tensorized_attention.distributed) on the CPU with gloo: 2 and 4
+spawned processes, each running every case of its group (one spawn per group).
+
+Each case compares this rank's slice of the output and of the gradients of q, k, v (and
+the gate's gradient summed over the ranks) with the single-process tensorized_attn on the
+whole sequence; the bytes each rank sends through the collectives with the plan's
+prediction; and ranks that disagree must all raise the same clear error.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+
+import pytest
+import torch
+
+from distributed_worker import Case, compare, count_bytes, disagree, run_group
+from tensorized_attention.distributed import plan_sequence_parallel
+
+TIMEOUT_S = 120  # a group that hangs fails the tests instead of blocking them
+
+F64 = torch.float64
+CASES = {
+    2: [
+        # complete, the slice boundary cuts windows of both dims; unequal slices (halos)
+        Case((8, 4), 30, (17, 13)),
+        # gate per head, sinks, rotary positions given rotated, reversed order, GQA
+        Case((4, 4, 4), 50, gate="heads", sinks=2, positions="rotated", order=(2, 1, 0)),
+        # block causal: fibers of dim 1 stay inside the slices, those of dim 0 do not
+        Case((6, 5), 30, mode="block"),
+        # block bidirectional, slices cutting the fibers of both dims, sinks and a shared gate
+        Case((5, 6), 28, (13, 15), mode="block", causal=False, sinks=3, gate="shared"),
+        # block bidirectional, slices that cut no fiber of dim 1
+        Case((4, 8), 32, mode="block", causal=False),
+        # float32
+        Case((4, 8), 29, mode="complete", gate="heads", sinks=1, dtype=torch.float32),
+    ],
+    4: [
+        Case((8, 4), 30),
+        Case((4, 4, 4), 61, gate="heads", sinks=1, positions="plain", heads=6, kv_heads=3),
+        Case((3, 4, 5), 57, (20, 10, 17, 10), mode="block", gate="heads"),
+        Case((5, 6), 28, mode="block", causal=False, sinks=2),
+        Case((4, 4, 4), 50, gate="shared", order=(2, 0, 1), sinks=2, positions="rotated", dtype=torch.float32),
+    ],
+}
+BYTES = {2: [CASES[2][0], CASES[2][2], CASES[2][3]], 4: [CASES[4][0], CASES[4][2], CASES[4][3],
+                                                         Case((4, 4, 4), 50, order=(2, 1, 0))]}
+DISAGREEMENTS = ("shape", "dtype", "fold", "input", "select")
+
+
+def _spawn(world: int, jobs, tmp_path) -> dict:
+    """Run ``jobs`` on ``world`` spawned ranks; {(rank, name): result}. Fails on a timeout."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    init = f"file://{tmp_path / 'init'}"
+    procs = [ctx.Process(target=run_group, args=(r, world, init, jobs, results)) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = {}
+    try:
+        for _ in range(world * len(jobs)):
+            rank, name, result = results.get(timeout=TIMEOUT_S)
+            out[(rank, name)] = result
+    except queue.Empty:
+        pytest.fail(f"{world} ranks: no result within {TIMEOUT_S} s (a hang); got {sorted(out)}")
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"{w}ranks")
+def group_results(request, tmp_path_factory):
+    world = request.param
+    jobs = [(str(c), compare, (c,)) for c in CASES[world]]
+    jobs += [("bytes " + str(c), count_bytes, (c,)) for c in BYTES[world]]
+    if world == 2:
+        jobs += [("disagree " + w, disagree, (w,)) for w in DISAGREEMENTS]
+    return world, _spawn(world, jobs, tmp_path_factory.mktemp(f"dist{world}"))
+
+
+def _result(results, rank, name):
+    result = results[(rank, name)]
+    if isinstance(result, str):
+        pytest.fail(f"rank {rank}, {name}: {result}")
+    return result
+
+
+def test_matches_single_process(group_results):
+    world, results = group_results
+    kinds = set()
+    for case in CASES[world]:
+        tol = 1e-12 if case.dtype == F64 else 2e-5
+        for rank in range(world):
+            r = _result(results, rank, str(case))
+            kinds.update(r["kinds"])
+            for key in ("out", "dq", "dk", "dv", "dgate"):
+                if key in r:
+                    assert r[key] <= tol * max(1.0, r["scale"]), (world, rank, str(case), key, r)
+    assert kinds == {"local", "halo", "all_to_all"} or world == 4 and kinds >= {"halo", "all_to_all"}
+
+
+def test_gate_gradient_is_a_share(group_results):
+    """Each rank's gate gradient is its own part, not the whole (the sum over ranks is the
+    whole: test_matches_single_process)."""
+    world, results = group_results
+    gated = [c for c in CASES[world] if c.gate is not None]
+    assert gated
+    for case in gated:
+        assert any(_result(results, r, str(case))["dgate_share"] > 1e-6 for r in range(world))
+
+
+def test_bytes_sent_match_plan(group_results):
+    world, results = group_results
+    for case in BYTES[world]:
+        total = 0
+        for rank in range(world):
+            r = _result(results, rank, "bytes " + str(case))
+            assert r["forward"] == r["plan_send"], (world, rank, str(case), r)
+            assert r["backward"] == r["plan_recv"], (world, rank, str(case), r)
+            total += r["forward"]
+        assert total > 0
+
+
+def test_disagreeing_ranks_all_raise(group_results):
+    world, results = group_results
+    if world != 2:
+        pytest.skip("run in the 2-rank group")
+    expected = {"shape": ("ValueError", "disagree on shape"), "dtype": ("ValueError", "disagree on dtype"),
+                "fold": ("ValueError", "disagree on shape"), "input": ("ValueError", "rank 1: q must be 4-D"),
+                "select": ("NotImplementedError", "no select or relay")}
+    for what, (kind, text) in expected.items():
+        messages = {results[(r, "disagree " + what)] for r in range(world)}
+        assert len(messages) == 1, messages  # the same error on every rank
+        (message,) = messages
+        assert message.startswith(kind) and text in message, message
+
+
+# ----------------------------------------------------------------------------- the plan alone
+
+
+def test_plan_worked_example():
+    """docs/distributed.md: 4096 x 256 at 2^20 tokens on 2 ranks, bf16, 32 heads, 8 kv heads."""
+    plan = plan_sequence_parallel((4096, 256), 1 << 20, 2, heads=32, kv_heads=8, headdim=128, dtype_bytes=2)
+    assert [(e.dim, e.stride, e.kind) for e in plan] == [(0, 256, "halo"), (1, 1, "halo")]
+    assert plan[0].halo == (0, 524288) and plan[0].send_bytes == (2 ** 31, 0)
+    assert plan[1].halo == (0, 255) and plan[1].send_bytes == (255 * 40 * 128 * 2, 0)
+    block = plan_sequence_parallel((4096, 256), 1 << 20, 2, mode="block", causal=False, heads=32, kv_heads=8,
+                                   headdim=128, dtype_bytes=2)
+    assert [e.kind for e in block] == ["all_to_all", "local"]
+    per_rank = (1 << 20) // 4 * ((32 + 8 + 8) + 32) * 128 * 2  # half of each slice there, and its outputs back
+    assert block[0].send_bytes == (per_rank, per_rank) and block[0].layout == "residues"
+
+
+def test_plan_rejects_bad_input():
+    kw = dict(heads=4, kv_heads=2, headdim=8, dtype_bytes=2)
+    with pytest.raises(ValueError, match="lengths must be 2 ints"):
+        plan_sequence_parallel((4, 4), 16, 2, lengths=[10, 5], **kw)
+    with pytest.raises(ValueError, match="kv_heads"):
+        plan_sequence_parallel((4, 4), 16, 2, heads=4, kv_heads=3, headdim=8, dtype_bytes=2)
+    with pytest.raises(ValueError, match="causal only"):
+        plan_sequence_parallel((4, 4), 16, 2, mode="complete", causal=False, **kw)
+    with pytest.raises(ValueError, match="fewer than"):
+        plan_sequence_parallel((2, 4), 16, 2, **kw)
+
+
+def test_needs_a_process_group():
+    from tensorized_attention.distributed import sequence_parallel_tensorized_attn
+
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        sequence_parallel_tensorized_attn(q, q, q, (4, 2))
