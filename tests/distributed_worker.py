@@ -36,11 +36,12 @@ class Case:
     headdim: int = 8
     batch: int = 2
     dtype: torch.dtype = torch.float64
+    backend: str = "auto"  # the sequence-parallel call's (the single-process one runs "auto")
 
     def __str__(self):
         return (f"{'x'.join(map(str, self.shape))}-N{self.seqlen}-{self.lengths}-{self.mode}-"
                 f"{'causal' if self.causal else 'bidir'}-order{self.order}-gate{self.gate}-S{self.sinks}-"
-                f"pos{self.positions}-H{self.heads}kv{self.kv_heads}-{str(self.dtype)[6:]}")
+                f"pos{self.positions}-H{self.heads}kv{self.kv_heads}-{str(self.dtype)[6:]}-{self.backend}")
 
 
 def run_group(rank: int, world: int, init: str, jobs, results) -> None:
@@ -101,7 +102,7 @@ def compare(rank: int, world: int, case: Case) -> dict:
     hi = lo + lengths[rank]
     mine = [x[:, lo:hi].clone().requires_grad_() for x in (q, k, v)]
     my_gate = None if gate is None else gate.clone().requires_grad_()
-    out = sequence_parallel_tensorized_attn(*mine, case.shape, gate=my_gate, **options)
+    out = sequence_parallel_tensorized_attn(*mine, case.shape, gate=my_gate, backend=case.backend, **options)
     (out * weight[:, lo:hi]).sum().backward()
     errors = {"out": (out - full[:, lo:hi]).abs().max().item()}
     for name, a, b in zip("qkv", mine, leaves, strict=True):
