@@ -264,8 +264,14 @@ def table(result: dict) -> str:
             f"{one.get('forward_ms', float('nan')):>9.2f} {par['forward_backward_ms']:>9.2f} "
             f"{one.get('forward_backward_ms', float('nan')):>9.2f} "
             f"{(max(peak) / 2**30 if peak else float('nan')):>9.2f} {max(r['forward_send_bytes']) / 2**20:>9.1f} "
-            f"{('%.2f' % cp['forward_ms']) if 'forward_ms' in cp else ('error' if cp else '-'):>12}")
+            f"{_cp_cell(cp):>12}")
     return "\n".join(lines)
+
+
+def _cp_cell(cp: dict) -> str:
+    if "forward_ms" in cp:
+        return f"{cp['forward_ms']:.2f}"
+    return "error" if cp else "-"
 
 
 def main(argv=None) -> None:
