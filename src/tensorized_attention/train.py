@@ -474,18 +474,34 @@ def retrieval_rows(ids: torch.Tensor, share: float, tokenizer, seed: int, step: 
     return out
 
 
-def sequence_loss(model, ids: torch.Tensor, autocast: torch.dtype | None = None) -> torch.Tensor:
+def sequence_loss(model, ids: torch.Tensor, autocast: torch.dtype | None = None,
+                  parallel: SequenceParallel | None = None) -> torch.Tensor:
     """Mean cross-entropy (nats per predicted token) of windows ``ids`` ``[B, T + 1]``: the
-    model reads ``ids[:, :-1]`` (no cache) and predicts ``ids[:, 1:]``; logits in float32."""
+    model reads ``ids[:, :-1]`` (no cache) and predicts ``ids[:, 1:]``; logits in float32.
+
+    With ``parallel`` (every rank given the same ``ids``) the model reads this rank's slice
+    of the T positions (:meth:`SequenceParallel.bounds`, at its global ``position_ids``)
+    and the result is this rank's share of the mean times the number of ranks: FSDP averages
+    the ranks' gradients, so what each rank backpropagates sums to the mean's gradient, and
+    :meth:`SequenceParallel.mean` of the values is the mean loss."""
     inputs, labels = ids[:, :-1], ids[:, 1:]
-    with _autocast(ids.device, autocast):
-        logits = model(input_ids=inputs, use_cache=False).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    if parallel is None:
+        with _autocast(ids.device, autocast):
+            logits = model(input_ids=inputs, use_cache=False).logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    from .hf.attention import sequence_parallel
+
+    a, b = parallel.bounds(inputs.shape[1])
+    positions = torch.arange(a, b, device=ids.device).expand(inputs.shape[0], -1)
+    with _autocast(ids.device, autocast), sequence_parallel(parallel.group, inputs.shape[1]):
+        logits = model(input_ids=inputs[:, a:b], position_ids=positions, use_cache=False).logits
+    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, a:b].reshape(-1), reduction="sum")
+    return total * parallel.world / labels.numel()
 
 
 @torch.no_grad()
 def evaluate_loss(model, stream: TokenStream, *, context: int, windows: int, micro_batch: int, seed: int,
-                  autocast: torch.dtype | None = None) -> dict[str, Any]:
+                  autocast: torch.dtype | None = None, parallel: SequenceParallel | None = None) -> dict[str, Any]:
     """Mean loss per predicted token over ``windows`` fixed windows of ``stream`` (the same
     ones at every call: :func:`window_starts` of stream 1), in eval mode, under no_grad."""
     device = next(model.parameters()).device
@@ -496,7 +512,8 @@ def evaluate_loss(model, stream: TokenStream, *, context: int, windows: int, mic
     total = 0.0
     for i in range(0, windows, micro_batch):
         ids = stream.windows(starts[i: i + micro_batch], context + 1).to(device)
-        total += float(sequence_loss(model, ids, autocast)) * len(ids)
+        loss = sequence_loss(model, ids, autocast, parallel)
+        total += float(parallel.mean(loss) if parallel is not None else loss) * len(ids)
     model.train(was_training)
     return {"eval_loss": total / windows, "eval_windows": windows, "eval_tokens": windows * context,
             "seconds": round(time.perf_counter() - start, 3)}
@@ -522,12 +539,14 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _save_pretrained(model, tokenizer, path: Path, extra: dict[str, Any] | None = None) -> None:
-    """Model and tokenizer into ``path``, written beside it first and renamed when complete."""
+def _save_pretrained(model, tokenizer, path: Path, extra: dict[str, Any] | None = None,
+                     state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Model and tokenizer into ``path``, written beside it first and renamed when complete
+    (``state_dict``: the weights to write, when the model's own are sharded)."""
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     for name, value in (extra or {}).items():
         if name.endswith(".pt"):
@@ -588,6 +607,91 @@ def load_checkpoint_weights(model, path: str | os.PathLike) -> None:
     if missing or unexpected:
         raise TrainError(f"{path}: the checkpoint's weights do not fit the model (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}); resume with the --model and --attention of the run")
+
+
+# ---------------------------------------------------------------------------------------
+# sequence parallelism (train --sequence-parallel, under torchrun)
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """A training run whose sequences are sharded over the ``world`` ranks of ``group``
+    (None: the default group): every rank reads the same windows and runs its contiguous
+    slice of their positions (the first ``T % world`` ranks one more); the attention layers
+    run :func:`tensorized_attention.distributed.sequence_parallel_tensorized_attn`, the
+    parameters are sharded with FSDP2 (:func:`shard_model`)."""
+
+    rank: int
+    world: int
+    group: Any = None
+
+    @property
+    def main(self) -> bool:
+        """Whether this rank writes the logs, the summary and the model."""
+        return self.rank == 0
+
+    def bounds(self, length: int) -> tuple[int, int]:
+        """This rank's slice ``[start, stop)`` of ``length`` positions."""
+        base, extra = divmod(length, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean over the ranks of a scalar (a collective: every rank calls it)."""
+        import torch.distributed as dist
+
+        value = value.detach().clone()
+        dist.all_reduce(value, group=self.group)
+        return value / self.world
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether any rank's ``flag`` is set (a collective): ranks stop together."""
+        import torch.distributed as dist
+
+        value = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(value.item())
+
+
+def start_sequence_parallel(device_arg: str) -> tuple[SequenceParallel, torch.device]:
+    """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+    ``MASTER_ADDR``): NCCL on CUDA (one GPU per local rank), gloo on the CPU."""
+    import torch.distributed as dist
+
+    missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise TrainError(f"--sequence-parallel runs under torchrun (the environment lacks {', '.join(missing)}): "
+                         "torchrun --nproc-per-node P -m tensorized_attention train --sequence-parallel ...")
+    from .bench import resolve_device
+
+    device = resolve_device(device_arg)
+    local = int(os.environ["LOCAL_RANK"])
+    if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise TrainError(f"local rank {local} has no GPU ({torch.cuda.device_count()} visible): start at most "
+                             "one process per GPU")
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return SequenceParallel(dist.get_rank(), dist.get_world_size()), device
+
+
+def shard_model(model) -> None:
+    """FSDP2 (``fully_shard``) on each decoder layer, then on the whole model."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    for layer in layers if layers is not None else ():
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _full_state_dict(model) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU of rank 0 (empty elsewhere; a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -713,7 +817,7 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: str | os.PathLike, *,
           run: dict[str, Any] | None = None, eval_stream: TokenStream | None = None, resume: bool = False,
-          progress: bool = True, echo=print) -> dict[str, Any]:
+          progress: bool = True, echo=print, parallel: SequenceParallel | None = None) -> dict[str, Any]:
     """Train ``model`` (loaded with its attention, on its device, weights in the dtype of
     ``config.dtype``) on windows of ``stream``; checkpoints, log and summary in ``out_dir``.
 
@@ -722,10 +826,18 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
     latest checkpoint of ``out_dir`` (its run must share :data:`RUN_KEYS`). Returns the
     summary (also written to ``out_dir/train_summary.json``). Raises :class:`TrainError`
     for a run that cannot start, :class:`FloatingPointError` for a loss that is not finite.
+
+    ``parallel``: the sequences sharded over ranks (:class:`SequenceParallel`; the model
+    sharded by :func:`shard_model`). Rank 0 writes the log, the summary and the final
+    model; no intermediate checkpoint is written (the optimizer's state is sharded), so
+    such a run cannot be resumed.
     """
     from .hf.attention import mean_gates
 
     config.check()
+    main = parallel is None or parallel.main
+    if parallel is not None and resume:
+        raise TrainError("--resume: a --sequence-parallel run writes no intermediate checkpoint; start it again")
     if config.retrieval_share:
         from . import passkey
 
@@ -778,7 +890,8 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
         if checkpoints(out_dir):
             raise TrainError(f"{out_dir} already holds checkpoints ({latest_checkpoint(out_dir).name}, ...): "
                              "continue that run with --resume, or train into another --out")
-        log_path.write_text("")
+        if main:
+            log_path.write_text("")
     history["commands"] = [*history["commands"], run.get("command")]
 
     flops = flops_per_token(model, config.context)
@@ -787,6 +900,8 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
         torch.cuda.reset_peak_memory_stats(device)
 
     def log(record: dict[str, Any]) -> None:
+        if not main:
+            return
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -809,15 +924,17 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
 
     def run_eval(at_step: int) -> None:
         result = evaluate_loss(model, eval_stream, context=config.context, windows=config.eval_windows,
-                               micro_batch=config.micro_batch, seed=config.seed, autocast=autocast)
+                               micro_batch=config.micro_batch, seed=config.seed, autocast=autocast, parallel=parallel)
         record = {"kind": "eval", "step": at_step, "tokens": at_step * config.tokens_per_step, **result}
         eval_results.append(record)
         log(record)
-        bar.write(f"step {at_step}: eval loss {result['eval_loss']:.4f} ({config.eval_windows} windows)")
+        if main:
+            bar.write(f"step {at_step}: eval loss {result['eval_loss']:.4f} ({config.eval_windows} windows)")
 
     from tqdm import tqdm
 
-    bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", disable=not progress or not main,
+               dynamic_ncols=True)
     train_time, wall_before = float(history["train_time_s"]), float(history["wall_time_s"])
     step, last_loss, saved_at = start_step, None, start_step if resume else None
     interval = {"losses": [], "seconds": 0.0}
@@ -839,10 +956,13 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         for i in range(0, config.batch, config.micro_batch):
-            loss = sequence_loss(model, ids[i: i + config.micro_batch], autocast)
+            loss = sequence_loss(model, ids[i: i + config.micro_batch], autocast, parallel)
             (loss / config.accumulation).backward()
             loss_sum += loss.detach()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip if config.clip > 0 else math.inf))
+        if parallel is not None:
+            loss_sum = parallel.mean(loss_sum)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip if config.clip > 0 else math.inf)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         optimizer.step()
         last_loss = float(loss_sum) / config.accumulation
         if not math.isfinite(last_loss):
@@ -864,7 +984,8 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
             stopped = f"--stop-after {config.stop_after}"
         elif config.time_limit is not None and step < steps:
             mean = sum(step_times) / len(step_times)
-            if time.perf_counter() - invocation_start + mean > config.time_limit:
+            late = time.perf_counter() - invocation_start + mean > config.time_limit
+            if parallel.any(late, device) if parallel is not None else late:  # ranks stop together
                 stopped = f"--time-limit {config.time_limit:g} s"
         if step % config.log_every == 0 or step == steps or stopped:
             n = len(interval["losses"])
@@ -878,7 +999,7 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
             interval = {"losses": [], "seconds": 0.0}
         if eval_stream is not None and config.eval_every and (step % config.eval_every == 0 or step == steps):
             run_eval(step)
-        if step % config.save_every == 0 or step == steps or stopped:
+        if parallel is None and (step % config.save_every == 0 or step == steps or stopped):
             save_checkpoint(out_dir, step, model, tokenizer, optimizer, checkpoint_state(),
                             keep=config.keep_checkpoints)
             saved_at = step
@@ -886,7 +1007,7 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
             break
     bar.close()
     finished = step >= steps
-    if finished and saved_at != step:  # resumed at the end: nothing left but the final model
+    if parallel is None and finished and saved_at != step:  # resumed at the end: nothing left but the final model
         save_checkpoint(out_dir, step, model, tokenizer, optimizer, checkpoint_state(), keep=config.keep_checkpoints)
     if finished:
         note = {"base_model": run.get("model"), "attention": run.get("attention"), "setup": run.get("setup"),
@@ -896,7 +1017,9 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
                            "setups.load_with_attention(path, setup) with the run's tensorized setup, or 'full' "
                            "for a RoPE-scaled full-attention model (its config is scaled already)"}
         model.config.use_cache = True
-        _save_pretrained(model, tokenizer, out_dir / FINAL_DIR, {SETUP_FILE: note})
+        weights = _full_state_dict(model) if parallel is not None else None
+        if main:
+            _save_pretrained(model, tokenizer, out_dir / FINAL_DIR, {SETUP_FILE: note}, state_dict=weights)
         model.config.use_cache = False
     wall = time.perf_counter() - invocation_start
     # throughput of this call: the median step (the first steps of a CUDA run compile and tune kernels)
@@ -949,7 +1072,8 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
         "command": run.get("command"),
         "commands": history["commands"],
     }
-    _write_json(summary_path, summary)
+    if main:
+        _write_json(summary_path, summary)
     return summary
 
 
@@ -1021,6 +1145,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default=os.path.join("results", "train"),
                    help="directory of checkpoint-STEP/, final/, train_log.jsonl, train_summary.json")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="under torchrun: shard each sequence over the processes (one per GPU) and the parameters "
+                        "with FSDP2; tensorized attention only; rank 0 writes; no intermediate checkpoints")
     p.add_argument("--save-every", type=_positive, default=100, help="a checkpoint every this many steps (and at the end)")
     p.add_argument("--keep-checkpoints", type=_positive, default=2, help="keep the latest this many checkpoints")
     p.add_argument("--log-every", type=_positive, default=10, help="a line of train_log.jsonl every this many steps")
@@ -1061,11 +1188,22 @@ def run(args, command: str) -> int:
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,
         eval_every=args.eval_every, eval_windows=args.eval_windows, peak_tflops=args.peak_tflops,
         stop_after=args.stop_after, time_limit=args.time_limit)
+    parallel = None
     try:
         config.check()
-        device = bench.resolve_device(args.device)
+        if args.sequence_parallel:
+            if setup.kind not in ("tensorized", "window"):
+                raise TrainError(f"--sequence-parallel needs tensorized attention (--attention tensorized:... or "
+                                 f"window:...), got {args.attention!r}")
+            if args.resume:
+                raise TrainError("--resume: a --sequence-parallel run writes no intermediate checkpoint; start it "
+                                 "again")
+            parallel, device = start_sequence_parallel(args.device)
+        else:
+            device = bench.resolve_device(args.device)
     except (TrainError, RuntimeError) as err:
         return fail(str(err))
+    say = print if parallel is None or parallel.main else (lambda *_args, **_kwargs: None)  # rank 0 speaks
     precision = resolve_precision(config.dtype, device)
     config.dtype = precision["name"]
     if args.resume and latest_checkpoint(args.out) is None:
@@ -1100,6 +1238,8 @@ def run(args, command: str) -> int:
     except (FileNotFoundError, TypeError, ValueError) as err:
         return fail(str(err))
     load_s = time.perf_counter() - start
+    if parallel is not None:
+        shard_model(model)
     vocab = model.get_input_embeddings().num_embeddings
     try:
         if args.data is not None:
@@ -1145,22 +1285,22 @@ def run(args, command: str) -> int:
         "command": command,
     }
     max_positions = getattr(model.config, "max_position_embeddings", None)
-    print(f"train: {args.model} ({model.config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+    say(f"train: {args.model} ({model.config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
           f"parameters), attention {args.attention} (attn_implementation={setup.attn_implementation!r}"
           + (f", fold {'x'.join(map(str, fold))}" if fold else "") + f"), {precision['name']} on {device.type}",
           flush=True)
     what = (f"{stream.info['documents']} documents of {args.data} (train split)" if args.data is not None
             else f"{args.tokens}")
-    print(f"data: {what}, {len(stream)} tokens in the stream; context {config.context}, batch {config.batch} "
+    say(f"data: {what}, {len(stream)} tokens in the stream; context {config.context}, batch {config.batch} "
           f"({config.accumulation} x {config.micro_batch}), {config.tokens_per_step} tokens per step", flush=True)
-    print(f"budget: {config.train_tokens} tokens -> {config.steps} steps ({config.steps * config.tokens_per_step} "
+    say(f"budget: {config.train_tokens} tokens -> {config.steps} steps ({config.steps * config.tokens_per_step} "
           f"tokens, {config.steps * config.tokens_per_step / len(stream):.2f} passes over the stream); lr "
           f"{config.lr:g}, warmup {config.warmup_steps} steps, cosine to {config.min_lr_ratio:g} x lr", flush=True)
     if max_positions is not None and config.context > max_positions:
-        print(f"note: the context {config.context} exceeds the model's max_position_embeddings ({max_positions})")
+        say(f"note: the context {config.context} exceeds the model's max_position_embeddings ({max_positions})")
     try:
         summary = train(model, tokenizer, stream, config, args.out, run=info, eval_stream=eval_stream,
-                        resume=args.resume, progress=not args.no_progress)
+                        resume=args.resume, progress=not args.no_progress, echo=say, parallel=parallel)
     except TrainError as err:
         return fail(str(err))
     except FloatingPointError as err:
@@ -1176,11 +1316,11 @@ def run(args, command: str) -> int:
         line += f", eval loss {summary['final_eval_loss']:.4f}"
     if tps:
         line += f", {tps:,.0f} tokens/s (median step){mfu}"
-    print(line + f", {summary['wall_time_s']:.1f} s")
+    say(line + f", {summary['wall_time_s']:.1f} s")
     if summary["finished"]:
-        print(f"wrote {summary['final_dir']}, {os.path.join(args.out, LOG_FILE)} and "
+        say(f"wrote {summary['final_dir']}, {os.path.join(args.out, LOG_FILE)} and "
               f"{os.path.join(args.out, SUMMARY_FILE)}")
     else:
-        print(f"stopped by {summary['stopped_by']} at step {summary['steps_done']} of {summary['steps']}; "
+        say(f"stopped by {summary['stopped_by']} at step {summary['steps_done']} of {summary['steps']}; "
               f"continue with --resume (checkpoint {summary['checkpoints'][-1]})")
     return 0

@@ -13,6 +13,7 @@ from .attention import (
     gate_of,
     register,
     restore_gates,
+    sequence_parallel,
     tensorized_attention_forward,
     tensorized_mask,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "register",
     "resolve_fold",
     "restore_gates",
+    "sequence_parallel",
     "tensorized_attention_forward",
     "tensorized_mask",
     "window_options",

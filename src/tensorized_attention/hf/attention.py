@@ -16,6 +16,7 @@ the size of full attention's plus a little.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import math
 from dataclasses import dataclass, field
@@ -36,6 +37,26 @@ __all__ = ["register", "enable", "from_pretrained", "restore_gates", "gate_of", 
 NAME = "tensorized"
 GATE_PARAM = "tensorized_gate_logit"
 _ACTIVE_CACHE: contextvars.ContextVar = contextvars.ContextVar("tensorized_active_cache", default=None)
+# set by sequence_parallel(): (process group, length of the whole sequence)
+_SEQUENCE_PARALLEL: contextvars.ContextVar = contextvars.ContextVar("tensorized_sequence_parallel", default=None)
+
+
+@contextlib.contextmanager
+def sequence_parallel(group, seqlen: int):
+    """Within this context, every tensorized layer takes its q, k, v as this rank's
+    contiguous slice of a sequence of ``seqlen`` tokens sharded over the ranks of ``group``
+    (None: the default group; slices in rank order) and runs
+    :func:`tensorized_attention.distributed.sequence_parallel_tensorized_attn` on them, the
+    fold resolved for the whole ``seqlen``. The model must be given the slice's
+    ``position_ids`` (its global positions). Training and plain forwards only: a cached
+    forward raises."""
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 1:
+        raise ValueError(f"sequence_parallel: seqlen must be an int >= 1, got {seqlen!r}")
+    token = _SEQUENCE_PARALLEL.set((group, seqlen))
+    try:
+        yield
+    finally:
+        _SEQUENCE_PARALLEL.reset(token)
 _REGISTERED = False
 
 
@@ -234,6 +255,10 @@ def gate_of(module, opts) -> torch.Tensor | None:
         raise RuntimeError(
             f"layer {module.layer_idx}: config.tensorized_attention has a gate but the layer has no "
             f"'{GATE_PARAM}' parameter; call tensorized_attention.hf.enable(model) after loading")
+    return _gate_of_logit(logit, opts)
+
+
+def _gate_of_logit(logit: torch.Tensor, opts) -> torch.Tensor:
     active = torch.tensor([g is not None for g in opts["gate"]], device=logit.device)
     fixed = torch.tensor([g is not None and float(g) == 1.0 for g in opts["gate"]], device=logit.device)
     gate = torch.where(active, torch.sigmoid(logit.float()), torch.zeros((), device=logit.device))
@@ -245,9 +270,12 @@ def mean_gates(model) -> list[float | None] | None:
     pass configured without a gate); None when the model has no gate. For logs."""
     gates = []
     for module in model.modules():
-        if getattr(module, GATE_PARAM, None) is not None:
+        logit = getattr(module, GATE_PARAM, None)
+        if logit is not None:
+            if hasattr(logit, "full_tensor"):  # sharded (FSDP2): a collective, every rank calls it
+                logit = logit.full_tensor()
             opts = options_of(module.config)
-            gates.append(gate_of(module, opts).detach().float().mean(0))
+            gates.append(_gate_of_logit(logit.detach(), opts).float().mean(0))
             configured = opts["gate"]
     if not gates:
         return None
@@ -313,6 +341,9 @@ def tensorized_attention_forward(module, query, key, value, attention_mask, drop
     q_len, kv_len = query.shape[2], key.shape[2]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if module.layer_idx in opts["full_attention_layers"]:
+        if _SEQUENCE_PARALLEL.get() is not None:
+            raise NotImplementedError("tensorized attention: a layer that keeps full attention "
+                                      "(full_attention_layers) does not run sequence-parallel")
         return _full_attention(query, key, value, scale), None
     active = _ACTIVE_CACHE.get()
     cache = active[0] if active is not None and active[1] == module.layer_idx else None
@@ -371,7 +402,8 @@ def _capacity(module) -> int:
 
 
 def _prefill(module, opts, query, key, value, scale, cache):
-    N = query.shape[2]
+    parallel = _SEQUENCE_PARALLEL.get()
+    N = query.shape[2] if parallel is None else parallel[1]
     shape = resolve_fold(opts, N, _capacity(module))
     m = len(shape)
     order = opts["order"] if opts["order"] is not None else list(range(m))
@@ -380,6 +412,14 @@ def _prefill(module, opts, query, key, value, scale, cache):
     kwargs = dict(causal=True, mode=opts["mode"], order=order, gate=gate, sinks=opts["sinks"], softmax_scale=scale)
     positions = _positions(module, opts, query.device)
     select = last_pass(opts)
+    if parallel is not None:
+        if cache is not None or select is not None or opts["relay"]:
+            raise NotImplementedError(
+                "tensorized attention: sequence parallelism runs the fold passes of a training step or a plain "
+                "forward; not cached decoding, a selected or pooled pass, or key relay")
+        from ..distributed import sequence_parallel_tensorized_attn
+
+        return sequence_parallel_tensorized_attn(q, k, v, shape, group=parallel[0], positions=positions, **kwargs)
     # training, a plain forward, or a pass that keeps no state (a last pass alone reads the
     # model's cache; key relay does not decode): the fastest backend
     if cache is None or opts["relay"] or (select is not None and not order):
