@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cp-max-tokens", type=int, default=262144,
                    help="run context-parallel SDPA up to this length (full attention: quadratic)")
     p.add_argument("--no-single", action="store_true", help="skip the one-GPU operator (P = 1)")
+    p.add_argument("--max-halo", type=float, default=None,
+                   help="the operator's max_halo: a pass takes a halo only when no rank's halo exceeds this times "
+                        "its slice (default: no limit)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--backend", default=None, help="process group backend (default nccl on cuda, gloo on cpu)")
     p.add_argument("--out", type=Path, default=None, help="JSON file to write (rank 0)")
@@ -175,7 +178,9 @@ def context_parallel_sdpa(args, N, device, dtype, timer) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
-def run(args) -> dict | None:
+def run(args, on_row=None) -> dict | None:
+    """Every length in turn; ``on_row(result so far)`` on rank 0 after each (the JSON is
+    rewritten then, so a run stopped by a limit keeps what it measured)."""
     backend = args.backend or ("nccl" if args.device == "cuda" else "gloo")
     if not dist.is_initialized():
         dist.init_process_group(backend)
@@ -211,7 +216,7 @@ def run(args) -> dict | None:
         inputs = [x.requires_grad_() for x in (q, k, v)]
 
         def parallel(q, k, v, shape=shape):
-            return sequence_parallel_tensorized_attn(q, k, v, shape, mode=args.mode)
+            return sequence_parallel_tensorized_attn(q, k, v, shape, mode=args.mode, max_halo=args.max_halo)
 
         row["parallel"] = measure(parallel, inputs, grad, args, device, timer)
         del q, k, v, grad, inputs
@@ -220,15 +225,21 @@ def run(args) -> dict | None:
         if N <= args.cp_max_tokens:
             row["context_parallel_sdpa"] = context_parallel_sdpa(args, N, device, dtype, timer)
         rows.append(row)
+        if rank == 0 and on_row is not None:
+            on_row(_result(args, world, backend, device, rows))
     if rank != 0:
         return None
+    return _result(args, world, backend, device, rows)
+
+
+def _result(args, world, backend, device, rows) -> dict:
     return {
         "benchmark": "sequence-parallel tensorized attention",
         "command": " ".join([f"torchrun --nproc-per-node {world}", *sys.argv]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "ranks": world, "process_group_backend": backend, "torch": torch.__version__,
         "dtype": args.dtype, "heads": args.heads, "kv_heads": args.kv_heads, "headdim": args.headdim,
-        "batch": args.batch, "mode": args.mode, "iters": args.iters, "rows": rows,
+        "batch": args.batch, "mode": args.mode, "iters": args.iters, "max_halo": args.max_halo, "rows": rows,
     }
 
 
@@ -246,7 +257,12 @@ def single_device(args, N, shape, device, dtype, rank) -> dict | None:
         def plain(q, k, v):
             return tensorized_attn(q, k, v, shape, mode=args.mode)
 
-        row = measure(plain, inputs, grad, args, device, Timer(device, group=False))
+        try:
+            row = measure(plain, inputs, grad, args, device, Timer(device, group=False))
+        except torch.OutOfMemoryError as exc:  # recorded: the length does not fit one device
+            row = {"error": f"OutOfMemoryError: {str(exc).splitlines()[0]}"[:300]}
+        del q, k, v, grad, inputs
+        reset_memory(device)
     dist.barrier()
     return row
 
@@ -276,12 +292,16 @@ def _cp_cell(cp: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    result = run(args)
-    if result is not None:
+
+    def write(result):
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1) + "\n")
-        print(table(result))
+
+    result = run(args, on_row=write)
+    if result is not None:
+        write(result)
+        print(table(result), flush=True)
     dist.destroy_process_group()
 
 

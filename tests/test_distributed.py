@@ -156,6 +156,21 @@ def test_plan_worked_example():
     assert block[0].send_bytes == (per_rank, per_rank) and block[0].layout == "residues"
 
 
+def test_plan_max_halo_regroups_a_pass_whose_halo_is_too_long():
+    """The coarse pass's halo at 1M on 2 ranks is rank 0's whole slice: with max_halo=0.25 it
+    regroups instead (rank 1 no longer computes rank 0's queries), the fine pass keeps its
+    255-position halo."""
+    kw = dict(heads=32, kv_heads=8, headdim=128, dtype_bytes=2)
+    plan = plan_sequence_parallel((4096, 256), 1 << 20, 2, max_halo=0.25, **kw)
+    assert [e.kind for e in plan] == ["all_to_all", "halo"] and plan[0].layout == "residues"
+    # half of each slice (the other rank's residues) there with q, k, v, and its outputs back
+    assert plan[0].send_bytes == ((1 << 20) // 4 * ((32 + 8 + 8) + 32) * 128 * 2,) * 2
+    assert plan_sequence_parallel((4096, 256), 1 << 20, 2, max_halo=1.0, **kw)[0].kind == "halo"
+    for bad in (-1, "0.5", True):
+        with pytest.raises(ValueError, match="max_halo must be None or a number >= 0"):
+            plan_sequence_parallel((4096, 256), 1 << 20, 2, max_halo=bad, **kw)
+
+
 def test_plan_rejects_bad_input():
     kw = dict(heads=4, kv_heads=2, headdim=8, dtype_bytes=2)
     with pytest.raises(ValueError, match="lengths must be 2 ints"):

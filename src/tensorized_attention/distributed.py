@@ -101,6 +101,7 @@ def plan_sequence_parallel(
     dtype_bytes: int,
     batch: int = 1,
     lengths: Sequence[int] | None = None,
+    max_halo: float | None = None,
 ) -> list[PassPlan]:
     """How each pass of :func:`sequence_parallel_tensorized_attn` runs, and the bytes it moves.
 
@@ -117,8 +118,10 @@ def plan_sequence_parallel(
        mode) every ``o_r`` is a multiple of ``n * s``.
     2. Causal passes otherwise need ``h_r`` positions before ``o_r``: ``min(o_r, (n - 1) s)``
        (complete) or ``o_r mod (n s)`` (block). When every ``h_r`` is at most the previous
-       slice's length, the halo moves ``h_r`` rows of k and of the pass's input values; it is
-       chosen when that is fewer bytes, summed over ranks, than the all-to-all.
+       slice's length (and, with ``max_halo``, at most ``max_halo`` times its own: a rank
+       computes its halo's queries too, so its work and memory in the pass grow by
+       ``h_r / len_r``), the halo moves ``h_r`` rows of k and of the pass's input values; it
+       is chosen when that is fewer bytes, summed over ranks, than the all-to-all.
     3. Otherwise ``"all_to_all"``: block passes with at least ``world_size`` fibers' chunks
        give each rank whole chunks (``"ranges"``, boundaries rounded from the slices'),
        others give rank d the residues mod s from ``d s // world_size`` to ``(d + 1) s //
@@ -151,14 +154,17 @@ def plan_sequence_parallel(
     lengths = [int(x) for x in lengths]
     if len(lengths) != world_size or sum(lengths) != seqlen or min(lengths) < 1:
         raise ValueError(f"lengths must be {world_size} ints >= 1 summing to seqlen={seqlen}, got {lengths}")
+    if max_halo is not None and (isinstance(max_halo, bool) or not isinstance(max_halo, (int, float))
+                                 or not max_halo >= 0):
+        raise ValueError(f"max_halo must be None or a number >= 0, got {max_halo!r}")
     offsets = [sum(lengths[:r]) for r in range(world_size)]
     steps = plan_passes(_used_shape(shape, seqlen), order, mode, causal)
     plans = []
     for t, step in enumerate(steps):
         value_heads = kv_heads if t == 0 else heads
         row = batch * headdim * dtype_bytes  # bytes of one position of one head
-        plans.append(_plan_pass(t, step, seqlen, offsets, lengths,
-                                q_row=heads * row, k_row=kv_heads * row, v_row=value_heads * row, out_row=heads * row))
+        plans.append(_plan_pass(t, step, seqlen, offsets, lengths, max_halo, q_row=heads * row, k_row=kv_heads * row,
+                                v_row=value_heads * row, out_row=heads * row))
     return plans
 
 
@@ -177,7 +183,7 @@ def _halo_rows(step: FoldPass, offsets: list[int]) -> list[int]:
     return [o % (n * s) for o in offsets]
 
 
-def _plan_pass(t, step, N, offsets, lengths, *, q_row, k_row, v_row, out_row) -> PassPlan:
+def _plan_pass(t, step, N, offsets, lengths, max_halo, *, q_row, k_row, v_row, out_row) -> PassPlan:
     W = len(lengths)
     n, s = step.size, step.stride
     chunk = n * s
@@ -205,7 +211,8 @@ def _plan_pass(t, step, N, offsets, lengths, *, q_row, k_row, v_row, out_row) ->
     recv = [sum(count(d, r) * there + count(r, d) * out_row for d in range(W) if d != r) for r in range(W)]
     if step.causal:
         halo = _halo_rows(step, offsets)
-        if all(halo[r] <= lengths[r - 1] for r in range(1, W)):
+        if all(halo[r] <= lengths[r - 1] and (max_halo is None or halo[r] <= max_halo * lengths[r])
+               for r in range(1, W)):
             halo_send = [halo[r + 1] * (k_row + v_row) if r + 1 < W else 0 for r in range(W)]
             if sum(halo_send) < sum(send):
                 return PassPlan(kind="halo", send_bytes=tuple(halo_send),
@@ -338,6 +345,7 @@ def sequence_parallel_tensorized_attn(
     select=None,
     relay: bool = False,
     backend: str = "auto",
+    max_halo: float | None = None,
 ) -> torch.Tensor:
     """:func:`tensorized_attention.tensorized_attn` over a sequence split across the ranks of
     ``group`` (default: the whole world); call it on every rank of the group.
@@ -363,6 +371,10 @@ def sequence_parallel_tensorized_attn(
     ``backend``: as the single-device operator chooses it. The Triton backend runs every
     pass but those with sinks; with ``sinks > 0`` ``"auto"`` runs the reference
     (``"triton"`` raises NotImplementedError).
+
+    ``max_halo``: how each pass runs is :func:`plan_sequence_parallel`'s rule; with a
+    number, a pass takes a halo only when no rank's halo exceeds ``max_halo`` times its
+    slice (else it regroups: less work and memory on the later ranks, more bytes).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("sequence_parallel_tensorized_attn needs an initialized torch.distributed process group "
@@ -370,7 +382,7 @@ def sequence_parallel_tensorized_attn(
     group = group if group is not None else dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     meta, error = _local_meta(q, k, v, shape, causal, mode, order, gate, sinks, softmax_scale, positions, select,
-                              relay, backend)
+                              relay, backend, max_halo)
     metas: list = [None] * world
     dist.all_gather_object(metas, (meta, error), group=group)
     _raise_disagreements(metas)
@@ -404,7 +416,7 @@ def sequence_parallel_tensorized_attn(
                                       "pass backend='auto' or 'reference', or sinks=0")
         chosen = "reference"
     plan = plan_sequence_parallel(shape, N, world, mode=mode, order=order, causal=causal, heads=H, kv_heads=Hkv,
-                                  headdim=D, dtype_bytes=q.element_size(), batch=B, lengths=lengths)
+                                  headdim=D, dtype_bytes=q.element_size(), batch=B, lengths=lengths, max_halo=max_halo)
     offsets = [sum(lengths[:r]) for r in range(world)]
     if positions is not None and positions.rotated:  # back to unrotated, at the global positions
         pos = torch.arange(offsets[rank], offsets[rank] + L, device=q.device)[:, None]
@@ -437,7 +449,8 @@ def _sink_rows(x: torch.Tensor, count: int, rank: int) -> torch.Tensor:
     return x[:, :1].expand(-1, count, -1, -1)
 
 
-def _local_meta(q, k, v, shape, causal, mode, order, gate, sinks, softmax_scale, positions, select, relay, backend):
+def _local_meta(q, k, v, shape, causal, mode, order, gate, sinks, softmax_scale, positions, select, relay, backend,
+                max_halo):
     """What every rank must agree on, and this rank's input error (type name, message) if any."""
     from .ops.dispatch import _check_tensors
 
@@ -469,7 +482,7 @@ def _local_meta(q, k, v, shape, causal, mode, order, gate, sinks, softmax_scale,
         "dtype": str(q.dtype), "device type": q.device.type,
         "requires_grad (grad mode, q, k, v, gate)": (torch.is_grad_enabled(), q.requires_grad, k.requires_grad,
                                                      v.requires_grad, gate is not None and gate.requires_grad), "shape": shape, "causal": causal, "mode": mode,
-        "order": order, "sinks": sinks, "softmax_scale": softmax_scale, "backend": backend,
+        "order": order, "sinks": sinks, "softmax_scale": softmax_scale, "backend": backend, "max_halo": max_halo,
         "gate": None if gate is None else (tuple(gate.shape), str(gate.dtype), tuple(gate.detach().flatten().tolist())),
         "positions": None if positions is None else (
             tuple(positions.inv_freq.detach().flatten().tolist()), positions.attention_scaling, positions.rotated),
