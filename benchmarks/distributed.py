@@ -202,7 +202,7 @@ def run(args, on_row=None) -> dict | None:
         L = lengths[rank]
         plan = plan_sequence_parallel(shape, N, world, mode=args.mode, heads=args.heads, kv_heads=args.kv_heads,
                                       headdim=args.headdim, dtype_bytes=torch.finfo(dtype).bits // 8,
-                                      batch=args.batch, lengths=lengths)
+                                      batch=args.batch, lengths=lengths, max_halo=args.max_halo)
         row = {"tokens": N, "shape": list(shape), "ranks": world, "lengths": lengths,
                "passes": [{"dim": e.dim, "stride": e.stride, "kind": e.kind, "send_bytes": list(e.send_bytes),
                            "recv_bytes": list(e.recv_bytes)} for e in plan],
