@@ -28,6 +28,9 @@ def main(argv=None):
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--kernels", type=int, default=0, metavar="K",
                    help="also profile one forward+backward (torch.profiler) and record its K costliest GPU kernels")
+    p.add_argument("--sweep", default=None, metavar="MxNxW,...",
+                   help="also time forward+backward with these tiles: queries (pairs) per tile M, keys per tile N, "
+                        "warps W of every kernel, e.g. 64x64x4,64x128x8")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     N, H, Hkv, D = args.seqlen, args.heads, args.kv_heads, args.headdim
@@ -57,6 +60,8 @@ def main(argv=None):
         out = select.selected_pass(step, q, k, v, sinks=args.sinks, scale=scale, positions=positions)
         torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
 
+    if args.sweep:
+        _sweep(args.sweep, time, step, q, k, v, args.sinks, scale, positions)
     time("selected pass fwd", fwd)
     time("selected pass fwd+bwd", fwd_bwd)
     result = {"device": torch.cuda.get_device_name(), "args": vars(args), "command": "python " + " ".join(sys.argv),
@@ -68,6 +73,26 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+
+
+def _sweep(spec, time, step, q, k, v, sinks, scale, positions):
+    """Forward and forward+backward at each tile size of ``spec`` (the kernels' warps set
+    through their launch parameters)."""
+    meta = select._meta
+    for item in spec.split(","):
+        block_m, block_n, warps = (int(x) for x in item.lower().split("x"))
+        select._meta = lambda q_, info, warps=warps: {**meta(q_, info), "num_warps": warps}
+        try:
+            def fwd_bwd(block_m=block_m, block_n=block_n):
+                out = select.selected_pass(step, q, k, v, sinks=sinks, scale=scale, positions=positions,
+                                           block_m=block_m, block_n=block_n)
+                torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+            time(f"fwd+bwd {item}", fwd_bwd)
+        except Exception as exc:  # a tile that does not fit (shared memory, registers): recorded
+            print(f"fwd+bwd {item}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        finally:
+            select._meta = meta
 
 
 def _costliest_kernels(fn, count):
