@@ -613,6 +613,9 @@ def load_checkpoint_weights(model, path: str | os.PathLike) -> None:
 # sequence parallelism (train --sequence-parallel, under torchrun)
 
 
+NO_PARALLEL_RESUME = "--resume: a --sequence-parallel run writes no intermediate checkpoint; start it again"
+
+
 @dataclass(frozen=True)
 class SequenceParallel:
     """A training run whose sequences are sharded over the ``world`` ranks of ``group``
@@ -837,7 +840,7 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
     config.check()
     main = parallel is None or parallel.main
     if parallel is not None and resume:
-        raise TrainError("--resume: a --sequence-parallel run writes no intermediate checkpoint; start it again")
+        raise TrainError(NO_PARALLEL_RESUME)
     if config.retrieval_share:
         from . import passkey
 
@@ -1196,8 +1199,7 @@ def run(args, command: str) -> int:
                 raise TrainError(f"--sequence-parallel needs tensorized attention (--attention tensorized:... or "
                                  f"window:...), got {args.attention!r}")
             if args.resume:
-                raise TrainError("--resume: a --sequence-parallel run writes no intermediate checkpoint; start it "
-                                 "again")
+                raise TrainError(NO_PARALLEL_RESUME)
             parallel, device = start_sequence_parallel(args.device)
         else:
             device = bench.resolve_device(args.device)
