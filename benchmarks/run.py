@@ -1,7 +1,8 @@
 """Run the GPU benchmark suite (or a part of it) and write JSON results.
 
     python benchmarks/run.py --out results/suite.json               # the whole registry
-    python benchmarks/run.py --lengths 131072 --kv-heads 32 --tune  # tile settings too
+    python benchmarks/run.py --lengths 131072 --kv-heads 32 --tune  # tile settings instead
+    python benchmarks/run.py --lengths 131072 --overrides results/best.json  # the suite with the fastest
 
 The same suite runs from the command line as ``tensorized-attention bench --suite``.
 """
@@ -36,14 +37,22 @@ FWD_VARIANTS = [
     dict(BLOCK_M=128, BLOCK_N=32, num_warps=4, num_stages=3, RESIDUE_MAJOR=False),
     dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, RESIDUE_MAJOR=False),
 ]
-BWD_VARIANTS = [
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-    dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
-    dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
-    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, RESIDUE_MAJOR=False),
-    dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, RESIDUE_MAJOR=False),
-]
+BWD_VARIANTS = {
+    "dq": [
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, RESIDUE_MAJOR=False),
+    ],
+    "dkdv": [
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+        dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3, RESIDUE_MAJOR=False),
+    ],
+}
 
 
 def _time_forward_passes(shape, N, ceilings):
@@ -71,27 +80,41 @@ def _time_forward_passes(shape, N, ceilings):
             except Exception as err:  # noqa: BLE001 - a setting that does not compile is reported
                 ms = float("nan")
                 print("   failed:", type(err).__name__, str(err)[:200])
-            rows.append(dict(kind="fwd_pass", shape=shape, t=t, cfg=cfg, ms=ms, x_pass_floor=ms / pass_floor))
+            rows.append(dict(kind="fwd_pass", shape=shape, t=t, kernel=kernel, variant=variant, cfg=cfg, ms=ms,
+                             x_pass_floor=ms / pass_floor))
             print(f"fwd pass {t} of {shape} {variant}: {ms:.3f} ms = {ms / pass_floor:.2f} x pass floor", flush=True)
             launch.CONFIG_OVERRIDES[kernel] = {}
     return rows
 
 
-def tune(lengths, ndims, out_dir):
-    """Time each forward pass of the Triton backend under several tile settings, then
-    forward+backward with the dq and dk/dv kernels' settings varied one at a time."""
+def tune(lengths, ndims, kernels, out_dir):
+    """Time each forward pass of the Triton backend under FWD_VARIANTS (with "fwd" in
+    ``kernels``), then forward+backward with the settings of the dq and dk/dv kernels varied
+    one at a time (those of them in ``kernels``). Writes tune.json, and best.json: the
+    fastest setting of each kernel, as --overrides takes it."""
     ceilings = suite.measure_ceilings()
-    rows = []
+    rows, best = [], {}
+
+    def keep_best(kernel, variant, ms):
+        if ms == ms and ms < best.get(kernel, (None, float("inf")))[1]:
+            best[kernel] = (variant, ms)
+
     for N in lengths:
         for ndim in ndims:
             shape = suite.choose_shape(N, ndim)
-            rows += _time_forward_passes(shape, N, ceilings)
+            if "fwd" in kernels:
+                for row in _time_forward_passes(shape, N, ceilings):
+                    rows.append(row)
+                    keep_best(row["kernel"], row["variant"], row["ms"])
             for kernel in ("dq", "dkdv"):
-                for variant in BWD_VARIANTS:
+                if kernel not in kernels:
+                    continue
+                for variant in BWD_VARIANTS[kernel]:
                     launch.CONFIG_OVERRIDES[kernel] = variant
                     row = suite.run_case(suite.Case("triton", N, shape=shape, backward=True), ceilings)
                     row["variant"] = {kernel: variant}
                     rows.append(row)
+                    keep_best(kernel, variant, row.get("ms", float("nan")))
                     print(f"fwd+bwd {shape} {kernel} {variant}: {row.get('ms', row.get('error'))} ms", flush=True)
                 launch.CONFIG_OVERRIDES[kernel] = {}
     for method in ("sdpa-flash", "sdpa-cudnn"):
@@ -101,6 +124,9 @@ def tune(lengths, ndims, out_dir):
             print(f"{row['name']}: {row.get('ms', row.get('error'))} ms", flush=True)
     with open(os.path.join(out_dir, "tune.json"), "w") as f:
         json.dump({"ceilings": ceilings, "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, "best.json"), "w") as f:
+        json.dump({kernel: variant for kernel, (variant, _) in best.items()}, f, indent=1)
+    print("fastest:", json.dumps({kernel: dict(v, ms=round(ms, 3)) for kernel, (v, ms) in best.items()}))
 
 
 def main(argv=None):
@@ -114,18 +140,30 @@ def main(argv=None):
     p.add_argument("--select-topk", default="2",
                    help="top-k of the selected-pass cases (Triton, after 2-dim complete); '' for none")
     p.add_argument("--out", default="results/suite.json")
-    p.add_argument("--tune", action="store_true", help="time tile settings instead of the registry")
+    p.add_argument("--tune", nargs="?", const="fwd,dq,dkdv", metavar="KERNELS",
+                   help="time the tile settings of these kernels (fwd, dq, dkdv; default all) instead of the "
+                        "registry; writes tune.json and best.json beside --out")
+    p.add_argument("--overrides", metavar="JSON",
+                   help="tile settings forced over the defaults, per kernel (a best.json of --tune)")
     args = p.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    if args.overrides:
+        with open(args.overrides) as f:
+            overrides = json.load(f)
+        for kernel, variant in overrides.items():
+            launch.CONFIG_OVERRIDES[kernel] = variant
+        print("tile settings forced:", json.dumps(overrides))
     if args.tune:
-        return tune(ints(args.lengths), ints(args.ndims), os.path.dirname(args.out) or ".")
+        return tune(ints(args.lengths), ints(args.ndims), args.tune.split(","), os.path.dirname(args.out) or ".")
     cases = suite.registry(
         ints(args.lengths), kv_heads=ints(args.kv_heads), ndims=ints(args.ndims),
         modes=args.modes.split(","), methods=args.methods.split(","),
         directions=[d == "fwdbwd" for d in args.directions.split(",")], select_topk=ints(args.select_topk),
     )
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    if args.overrides:
+        command += "  # tile settings: " + json.dumps(launch.CONFIG_OVERRIDES)
     result = suite.run_suite(cases, out_path=args.out, command=command)
     for row in result["rows"]:
         extra = "".join(f" {k}={row[k]:.1f}" for k in ("x_floor", "x_vs_sdpa-flash", "x_vs_sdpa-cudnn") if k in row)
