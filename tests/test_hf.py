@@ -170,6 +170,19 @@ def test_cached_decoding_equals_one_forward(family, options, prefill):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["complete", "block"])
+def test_cached_decoding_from_one_token_with_more_sinks_than_tokens(mode):
+    """Decoding from a 1-token prefill: the sinks (3) are filled while decoding, and each
+    pass's sink outputs are read from its own store."""
+    model = hf.enable(_tiny(), {"shape": [None, 4], "mode": mode, "gate": [0.5, None], "sinks": 3})
+    ids = torch.randint(0, 97, (1, 14))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, i:i + 1], past_key_values=cache).logits for i in range(ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-6, atol=1e-6)
+
+
 def test_decode_step_reads_sum_of_fold_keys():
     """The attention work of a decode step is sum(n_j) keys per head (plus the sinks outside
     the pass masks): counted, not timed."""

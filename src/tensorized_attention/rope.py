@@ -48,7 +48,9 @@ def rotary_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tens
     return positions.to(dtype)[..., None] * inv_freq.to(device=positions.device, dtype=dtype)
 
 
-def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor):
+def cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cosines and sines ``[..., D]`` of the angles of ``positions`` (both halves), as
+    :func:`rotate` uses them; :func:`rotate_by` takes them."""
     angles = rotary_angles(positions, inv_freq)
     angles = torch.cat([angles, angles], dim=-1)  # [..., D]
     return angles.cos(), angles.sin()
@@ -59,10 +61,16 @@ def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *, 
     """Rotate ``x [..., P, D]`` at integer ``positions [P]`` (or any shape that broadcasts
     against ``x.shape[:-1]``; inverse: by minus the angle), computed in float32 (float64 for
     float64 x or inv_freq) and returned in x's dtype."""
-    cos, sin = _cos_sin(positions, inv_freq)
+    cos, sin = cos_sin(positions, inv_freq)
     if inverse:
         sin = -sin
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return rotate_by(x, cos, sin, scale=scale)
+
+
+def rotate_by(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
+    """:func:`rotate` with the cosines and sines ``[..., D]`` of its angles given (both
+    halves), computed in float32 (float64 for float64 x or tables) and returned in x's dtype."""
+    xf = x.to(torch.promote_types(torch.promote_types(x.dtype, cos.dtype), torch.float32))
     half = xf.shape[-1] // 2
     rotated_half = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
     return ((xf * cos + rotated_half * sin) * scale).to(x.dtype)

@@ -28,7 +28,7 @@ from ..fold import strides
 from ..ops.dispatch import tensorized_attn
 from ..ops.reference import tensorized_attn_reference
 from ..passes import PooledPass, SelectedPass
-from ..rope import TensorPositions, pass_positions, rotate, sink_distances
+from ..rope import TensorPositions, cos_sin, rotate, rotate_by, sink_distances
 from .options import options_of, resolve_fold
 
 __all__ = ["register", "enable", "from_pretrained", "restore_gates", "gate_of", "mean_gates",
@@ -90,6 +90,52 @@ class DecodeState:
         from_sinks = self.sinks[t][:, :, torch.clamp(idx, max=self.sinks[t].shape[2] - 1)]
         return torch.where(in_ring[None, None, :, None], from_ring, from_sinks)
 
+    def fiber(self, t: int, lo: int, hi: int, s: int) -> torch.Tensor:
+        """Output of pass t at positions lo, lo + s, ..., hi (``hi - lo < ring[t]``, read while
+        position ``length`` is decoded): [B, H, count, D], slices of the ring (two where
+        the positions wrap around it)."""
+        x, ring = self.values[t], self.ring[t]
+        count = (hi - lo) // s + 1
+        if ring is None:
+            return x[:, :, lo:hi + 1:s]
+        if self.length - lo >= ring or ring % s:
+            return self.read(t, torch.arange(lo, hi + 1, s, device=x.device))
+        first = lo % ring
+        before_wrap = min(count, (ring - 1 - first) // s + 1)
+        head = x[:, :, first:first + (before_wrap - 1) * s + 1:s]
+        if before_wrap == count:
+            return head
+        start = first + before_wrap * s - ring
+        return torch.cat([head, x[:, :, start:start + (count - before_wrap - 1) * s + 1:s]], dim=2)
+
+    def fiber_rotation(self, n: int, s: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cosines and sines [n, D] of the angles j (s - 1), j = n - 1 .. 0 (row i: j = n - 1 - i),
+        at which a pass of size n and stride s sees the key at distance j s from the query."""
+        entry = ("fiber", n, s)
+        if entry not in self.tables:
+            j = torch.arange(n - 1, -1, -1, device=inv_freq.device)
+            self.tables[entry] = cos_sin(j * (s - 1), inv_freq)
+        return self.tables[entry]
+
+    def sink_keys(self, t: int, n: int, sinks: int, key: torch.Tensor, positions, dtype) -> torch.Tensor:
+        """The keys of the sinks (the first min(sinks, length) positions) as pass t, of size n,
+        scores them ([B, Hkv, S, D] in dtype): with tensor positions unrotated, then rotated by
+        minus their fixed distance. Kept once every sink exists."""
+        count = min(sinks, key.shape[2])
+        entry = ("sinks", t, n)
+        cached = self.tables.get(entry)
+        if cached is not None and cached.shape[2] == count:
+            return cached
+        k = key[:, :, :count]
+        if positions is not None:
+            dist = sink_distances(n, sinks)[:count].to(key.device)
+            k = rotate(rotate(k, torch.arange(count, device=key.device), positions.inv_freq, inverse=True), -dist,
+                       positions.inv_freq)
+        k = k.to(dtype)
+        if count == sinks:
+            self.tables[entry] = k
+        return k
+
     def write(self, t: int, p: int, x: torch.Tensor) -> None:
         """Store the output x [B, H, D] of pass t at position p (= the current length)."""
         if self.ring[t] is None:
@@ -100,6 +146,7 @@ class DecodeState:
             self.sinks[t] = torch.cat([self.sinks[t], x[:, :, None]], dim=2)
 
     n_sinks: int = 0
+    tables: dict = field(default_factory=dict)  # decoding's rotation tables and sink keys, made once
 
 
 def decode_state(cache, layer_idx: int) -> DecodeState | None:
@@ -430,7 +477,7 @@ def _prefill(module, opts, query, key, value, scale, cache):
     last_fold = values.pop().contiguous() if select is not None else None  # the last pass's input
     st = strides(shape)
     ring = [st[t] if list(order) == list(range(m)) else None for t in range(m - 1)]
-    n_sinks = min(opts["sinks"], N)
+    n_sinks = opts["sinks"]  # sinks[t] holds the first min(n_sinks, length) outputs: it grows while decoding
     rings = []
     for x, r in zip(values, ring, strict=True):
         if r is None:
@@ -447,7 +494,14 @@ def _prefill(module, opts, query, key, value, scale, cache):
 
 
 def _decode(module, opts, query, key, value, scale, state: DecodeState, past: int):
-    """Tokens past .. past + q_len - 1, one at a time, against their fibers / windows."""
+    """Tokens past .. past + q_len - 1, one at a time, against their fibers / windows.
+
+    Every read is a strided slice of the cache or of a ring (no index tensors, nothing that
+    waits for the GPU). With tensor positions the cache holds q and k rotated at their
+    positions p; a pass of stride s sees them at p // s, so the score of key p' = p - j s
+    is <R(p // s - p) q, R(p' // s - p') k> = <q, R(j (s - 1)) k>: each key of the fiber is
+    rotated by a fixed angle of its distance j (tables kept on the state), the query not
+    at all."""
     if state.length != past:
         raise RuntimeError(f"tensorized decoding state holds {state.length} tokens but the cache holds {past}")
     B, H, q_len, D = query.shape
@@ -457,6 +511,7 @@ def _decode(module, opts, query, key, value, scale, state: DecodeState, past: in
     gate = gate_of(module, opts)
     sinks = opts["sinks"]
     acc = torch.promote_types(value.dtype, torch.float32)
+    gates = None if gate is None else gate.to(acc).reshape(Hkv, G, -1)
     outs = []
     for i in range(q_len):
         p = past + i
@@ -470,55 +525,66 @@ def _decode(module, opts, query, key, value, scale, state: DecodeState, past: in
         m = len(shape)
         order = opts["order"] if opts["order"] is not None else list(range(m))
         st = strides(shape)
-        q_p = query[:, :, i]  # [B, H, D], rotated at p
-        prev = value[:, :, p].repeat_interleave(G, dim=1)  # V^0 at p, [B, H, D]
+        q_p = query[:, :, i].reshape(B, Hkv, G, D)  # rotated at p
+        q_acc = q_p.to(acc)
+        sink_q = None  # the sinks' query: q unrotated (with tensor positions), made once per token
+        prev = value[:, :, p, None].to(acc)  # V^0 at p, [B, Hkv, 1, D]: shared by the G query heads
         keys_read = 0
         for t, dim in enumerate(order):
             n, s = shape[dim], st[dim]
             a = p // s
             count = min(n, a + 1) if opts["mode"] == "complete" else (a % n) + 1
-            idx = p - s * torch.arange(count, device=query.device)  # the pass's keys, nearest first
-            in_pass = set(idx.tolist())
-            sink_idx = [j for j in range(min(sinks, p + 1)) if j not in in_pass]
-            keys = key[:, :, idx].repeat_interleave(G, dim=1)  # [B, H, count, D]
-            vals = _values_at(value, state, t, idx, G)
-            q_t = q_p
-            sink_q = q_p
-            sink_k = key[:, :, sink_idx].repeat_interleave(G, dim=1)
-            if positions is not None:
-                pos_all = torch.tensor([p], device=query.device)
-                q_plain = rotate(q_p[:, :, None], pos_all, positions.inv_freq, inverse=True)
-                q_t = rotate(q_plain, pass_positions(pos_all, s), positions.inv_freq)[:, :, 0]
-                k_plain = rotate(keys, idx, positions.inv_freq, inverse=True)
-                keys = rotate(k_plain, pass_positions(idx, s), positions.inv_freq)
-                sink_q = q_plain[:, :, 0]
-                if sink_idx:
-                    sidx = torch.tensor(sink_idx, device=query.device)
-                    dist = sink_distances(n, sinks).to(query.device)[sidx]
-                    sink_k = rotate(rotate(sink_k, sidx, positions.inv_freq, inverse=True), -dist, positions.inv_freq)
-            scores = torch.einsum("bhd,bhjd->bhj", q_t.to(acc), keys.to(acc)) * scale
-            if sink_idx:
-                sink_scores = torch.einsum("bhd,bhjd->bhj", sink_q.to(acc), sink_k.to(acc)) * scale
-                scores = torch.cat([scores, sink_scores], dim=-1)
-                vals = torch.cat([vals, _values_at(value, state, t, torch.tensor(sink_idx, device=query.device), G)], 2)
-            weights = torch.softmax(scores, dim=-1)
-            new = torch.einsum("bhj,bhjd->bhd", weights, vals.to(acc))
-            if gate is not None:
-                g = gate[:, t].to(device=new.device, dtype=acc)[None, :, None]
-                new = g * prev.to(acc) + (1 - g) * new
+            lo = p - (count - 1) * s  # the pass's keys: lo, lo + s, ..., p
+            keys = key[:, :, lo:p + 1:s]  # [B, Hkv, count, D]
+            if positions is not None and s > 1:
+                cos, sin = state.fiber_rotation(n, s, positions.inv_freq)
+                keys = rotate_by(keys, cos[n - count:], sin[n - count:])
+            vals = value[:, :, lo:p + 1:s, None] if t == 0 else state.fiber(t - 1, lo, p, s)
+            scores = torch.einsum("bkgd,bkcd->bkgc", q_acc, keys.to(acc))
+            out_sinks = [j for j in range(min(sinks, p + 1)) if (p - j) % s or (p - j) // s >= count]
+            if out_sinks:
+                if positions is not None and sink_q is None:
+                    sink_q = rotate(q_p, torch.full((1,), p, device=query.device), positions.inv_freq,
+                                    inverse=True).to(acc)
+                sink_k = _take(state.sink_keys(t, n, sinks, key, positions, acc), out_sinks)
+                sink_v = _take(value[:, :, :, None] if t == 0 else state.sinks[t - 1], out_sinks)
+                scores = torch.cat([scores, torch.einsum("bkgd,bkcd->bkgc", q_acc if sink_q is None else sink_q,
+                                                         sink_k)], dim=-1)
+                vals = torch.cat([vals, sink_v.to(vals.dtype)], dim=2)
+            weights = torch.softmax(scores * scale, dim=-1)  # [B, Hkv, G, keys]
+            # values [B, Hkv, keys, 1, D] (v, shared by the group) or [B, H, keys, D] (a pass's outputs)
+            vals = vals.to(acc)
+            if t == 0:
+                new = torch.einsum("bkgc,bkcd->bkgd", weights, vals[:, :, :, 0])
+            else:
+                new = torch.einsum("bkgc,bkgcd->bkgd", weights, vals.reshape(B, Hkv, G, -1, D))
+            if gates is not None:
+                g = gates[:, :, t, None]
+                new = g * prev + (1 - g) * new
             new = new.to(value.dtype)
             keys_read += scores.shape[-1]
             if t < m - 1:
-                state.write(t, p, new)
-            prev = new
+                state.write(t, p, new.reshape(B, H, D))
+            prev = new.to(acc)
+        out = prev.to(value.dtype).expand(B, Hkv, G, D).reshape(B, H, D)
         if state.last is not None:  # the selected or pooled pass, over the last fold pass's outputs
-            state.last = torch.cat([state.last, prev[:, :, None]], dim=2)
+            state.last = torch.cat([state.last, out[:, :, None]], dim=2)
             q_pos = torch.tensor([p], device=query.device)
-            prev = _last_pass_for(module, opts, query[:, :, i:i + 1], q_pos, key, state.last, scale, gate)[:, :, 0]
+            out = _last_pass_for(module, opts, query[:, :, i:i + 1], q_pos, key, state.last, scale, gate)[:, :, 0]
         state.length = p + 1
         state.keys_read.append(keys_read)
-        outs.append(prev)
+        outs.append(out)
     return torch.stack(outs, dim=1)  # [B, q_len, H, D]
+
+
+def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Rows ``rows`` (increasing) of x along dim 2: slices of its runs of consecutive rows."""
+    runs, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i] != rows[i - 1] + 1:
+            runs.append(x[:, :, rows[start]:rows[i - 1] + 1])
+            start = i
+    return runs[0] if len(runs) == 1 else torch.cat(runs, dim=2)
 
 
 def _last_pass_for(module, opts, query, q_pos, key, values, scale, gate):
