@@ -334,14 +334,16 @@ PLAN_LAYERS = {"llama3-8b": 1, "llama3.2-1b": None, "smollm2-135m": None}
 
 def quick_plan() -> list[Task]:
     """The acceptance points, about 8 minutes on one H100, most important first: Llama-3-8B
-    shape prefill (one layer, times x 32) at 32k, 128k, 512k, tensorized and SDPA; the
+    shape prefill (one layer, times x 32) at 32k, 128k, 512k, tensorized and SDPA (torch's
+    own backend choice, what a model gets by default, and the flash and cuDNN backends); the
     Llama-3.2-1B shape training step at 128k; decoding after a 128k prefill at batch 1;
     then the peers at 128k (prefill, one Llama-3-8B layer)."""
     big, small = MODELS["llama3-8b"], MODELS["llama3.2-1b"]
+    sdpa = ("sdpa", "sdpa-flash", "sdpa-cudnn")
     return [
-        Task(big, "prefill", (32 * K, 128 * K, 512 * K), ("tensorized", "sdpa-flash", "sdpa-cudnn"), layers=1),
-        Task(small, "train", (128 * K,), ("tensorized", "sdpa-flash", "sdpa-cudnn")),
-        Task(small, "decode", (128 * K,), ("tensorized", "sdpa-flash"), decode_tokens=32),
+        Task(big, "prefill", (32 * K, 128 * K, 512 * K), ("tensorized", *sdpa), layers=1),
+        Task(small, "train", (128 * K,), ("tensorized", *sdpa)),
+        Task(small, "decode", (128 * K,), ("tensorized", *sdpa), decode_tokens=32),
         Task(big, "prefill", (128 * K,), ("flex-window", "nsa", "fa4"), layers=1),
     ]
 

@@ -501,17 +501,14 @@ def _decode(module, opts, query, key, value, scale, state: DecodeState, past: in
     positions p; a pass of stride s sees them at p // s, so the score of key p' = p - j s
     is <R(p // s - p) q, R(p' // s - p') k> = <q, R(j (s - 1)) k>: each key of the fiber is
     rotated by a fixed angle of its distance j (tables kept on the state), the query not
-    at all."""
+    at all. On a GPU each pass is one kernel (:func:`..ops.triton.decode.decode_pass`)."""
     if state.length != past:
         raise RuntimeError(f"tensorized decoding state holds {state.length} tokens but the cache holds {past}")
     B, H, q_len, D = query.shape
-    Hkv = key.shape[1]
-    G = H // Hkv
     positions = _positions(module, opts, query.device)
     gate = gate_of(module, opts)
     sinks = opts["sinks"]
-    acc = torch.promote_types(value.dtype, torch.float32)
-    gates = None if gate is None else gate.to(acc).reshape(Hkv, G, -1)
+    on_gpu = _decode_kernel_applies(query, sinks)
     outs = []
     for i in range(q_len):
         p = past + i
@@ -525,48 +522,26 @@ def _decode(module, opts, query, key, value, scale, state: DecodeState, past: in
         m = len(shape)
         order = opts["order"] if opts["order"] is not None else list(range(m))
         st = strides(shape)
-        q_p = query[:, :, i].reshape(B, Hkv, G, D)  # rotated at p
-        q_acc = q_p.to(acc)
-        sink_q = None  # the sinks' query: q unrotated (with tensor positions), made once per token
-        prev = value[:, :, p, None].to(acc)  # V^0 at p, [B, Hkv, 1, D]: shared by the G query heads
+        q_p = query[:, :, i]  # [B, H, D], rotated at p
+        prev = value[:, :, p]  # V^0 at p, [B, Hkv, D]: shared by each kv head's query heads
         keys_read = 0
         for t, dim in enumerate(order):
             n, s = shape[dim], st[dim]
             a = p // s
             count = min(n, a + 1) if opts["mode"] == "complete" else (a % n) + 1
             lo = p - (count - 1) * s  # the pass's keys: lo, lo + s, ..., p
-            keys = key[:, :, lo:p + 1:s]  # [B, Hkv, count, D]
-            if positions is not None and s > 1:
-                cos, sin = state.fiber_rotation(n, s, positions.inv_freq)
-                keys = rotate_by(keys, cos[n - count:], sin[n - count:])
-            vals = value[:, :, lo:p + 1:s, None] if t == 0 else state.fiber(t - 1, lo, p, s)
-            scores = torch.einsum("bkgd,bkcd->bkgc", q_acc, keys.to(acc))
             out_sinks = [j for j in range(min(sinks, p + 1)) if (p - j) % s or (p - j) // s >= count]
-            if out_sinks:
-                if positions is not None and sink_q is None:
-                    sink_q = rotate(q_p, torch.full((1,), p, device=query.device), positions.inv_freq,
-                                    inverse=True).to(acc)
-                sink_k = _take(state.sink_keys(t, n, sinks, key, positions, acc), out_sinks)
-                sink_v = _take(value[:, :, :, None] if t == 0 else state.sinks[t - 1], out_sinks)
-                scores = torch.cat([scores, torch.einsum("bkgd,bkcd->bkgc", q_acc if sink_q is None else sink_q,
-                                                         sink_k)], dim=-1)
-                vals = torch.cat([vals, sink_v.to(vals.dtype)], dim=2)
-            weights = torch.softmax(scores * scale, dim=-1)  # [B, Hkv, G, keys]
-            # values [B, Hkv, keys, 1, D] (v, shared by the group) or [B, H, keys, D] (a pass's outputs)
-            vals = vals.to(acc)
-            if t == 0:
-                new = torch.einsum("bkgc,bkcd->bkgd", weights, vals[:, :, :, 0])
+            step = _DecodePass(t, n, s, lo, count, out_sinks, p)
+            ring = None if t == 0 else state.ring[t - 1]
+            if on_gpu and (ring is None or p - lo < ring):
+                new = _decode_pass_gpu(step, state, q_p, key, value, prev, positions, gate, sinks, scale)
             else:
-                new = torch.einsum("bkgc,bkgcd->bkgd", weights, vals.reshape(B, Hkv, G, -1, D))
-            if gates is not None:
-                g = gates[:, :, t, None]
-                new = g * prev + (1 - g) * new
-            new = new.to(value.dtype)
-            keys_read += scores.shape[-1]
+                new = _decode_pass_torch(step, state, q_p, key, value, prev, positions, gate, sinks, scale)
+            keys_read += count + len(out_sinks)
             if t < m - 1:
-                state.write(t, p, new.reshape(B, H, D))
-            prev = new.to(acc)
-        out = prev.to(value.dtype).expand(B, Hkv, G, D).reshape(B, H, D)
+                state.write(t, p, new)
+            prev = new
+        out = prev.expand(B, H, D) if prev.shape[1] != H else prev
         if state.last is not None:  # the selected or pooled pass, over the last fold pass's outputs
             state.last = torch.cat([state.last, out[:, :, None]], dim=2)
             q_pos = torch.tensor([p], device=query.device)
@@ -575,6 +550,97 @@ def _decode(module, opts, query, key, value, scale, state: DecodeState, past: in
         state.keys_read.append(keys_read)
         outs.append(out)
     return torch.stack(outs, dim=1)  # [B, q_len, H, D]
+
+
+@dataclass(frozen=True)
+class _DecodePass:
+    """Pass t (size n, stride s) of the token at p: keys lo, lo + s, ..., p (count of them),
+    and the sinks it reads outside its mask."""
+
+    t: int
+    n: int
+    s: int
+    lo: int
+    count: int
+    out_sinks: list[int]
+    p: int
+
+
+# Whether cached decoding runs each pass as one Triton kernel: "auto" on CUDA devices; True
+# also on the CPU under Triton's interpreter (for tests); False never.
+DECODE_KERNEL: bool | str = "auto"
+
+
+def _decode_kernel_applies(query, sinks: int) -> bool:
+    from ..ops.dispatch import available_backends
+
+    if DECODE_KERNEL is False or query.shape[-1] % 2 or "triton" not in available_backends(query.device):
+        return False
+    from ..ops.triton.decode import MAX_SINKS
+
+    return sinks <= MAX_SINKS and (DECODE_KERNEL is True or query.is_cuda)
+
+
+def _decode_pass_gpu(step: _DecodePass, state: DecodeState, q_p, key, value, prev, positions, gate, sinks, scale):
+    """One pass of a decoded token in one kernel: [B, H, D] in value's dtype."""
+    from ..ops.triton.decode import decode_pass
+
+    B, H, D = q_p.shape
+    t = step.t
+    rotation = sink_rotation = sink_keys = sink_values = None
+    if positions is not None and step.s > 1:
+        cos, sin = state.fiber_rotation(step.n, step.s, positions.inv_freq)
+        rotation = (cos[step.n - step.count:], sin[step.n - step.count:])
+    if step.out_sinks:
+        sink_keys = state.sink_keys(t, step.n, sinks, key, positions, torch.float32)
+        sink_values = value[:, :, :sink_keys.shape[2]] if t == 0 else state.sinks[t - 1]
+        if positions is not None:
+            cos, sin = cos_sin(torch.full((1,), step.p, device=q_p.device), positions.inv_freq)
+            sink_rotation = (cos[0], sin[0])
+    values = value if t == 0 else state.values[t - 1]
+    ring = None if t == 0 else state.ring[t - 1]
+    out = torch.empty((B, H, D), dtype=value.dtype, device=value.device)
+    return decode_pass(q_p, key, values, prev, out, lo=step.lo, count=step.count, stride=step.s, ring=ring,
+                       scale=scale, rotation=rotation, sink_keys=sink_keys, sink_values=sink_values,
+                       sink_rows=step.out_sinks, sink_rotation=sink_rotation,
+                       gate=None if gate is None else gate.float(), gate_col=t)
+
+
+def _decode_pass_torch(step: _DecodePass, state: DecodeState, q_p, key, value, prev, positions, gate, sinks, scale):
+    """One pass of a decoded token in PyTorch (float32 or wider): [B, H, D] in value's dtype."""
+    B, H, D = q_p.shape
+    Hkv = key.shape[1]
+    G = H // Hkv
+    t, n, s, lo, p = step.t, step.n, step.s, step.lo, step.p
+    acc = torch.promote_types(value.dtype, torch.float32)
+    q = q_p.reshape(B, Hkv, G, D)
+    q_acc = q.to(acc)
+    keys = key[:, :, lo:p + 1:s]  # [B, Hkv, count, D]
+    if positions is not None and s > 1:
+        cos, sin = state.fiber_rotation(n, s, positions.inv_freq)
+        keys = rotate_by(keys, cos[n - step.count:], sin[n - step.count:])
+    vals = value[:, :, lo:p + 1:s, None] if t == 0 else state.fiber(t - 1, lo, p, s)
+    scores = torch.einsum("bkgd,bkcd->bkgc", q_acc, keys.to(acc))
+    if step.out_sinks:
+        sink_q = q_acc
+        if positions is not None:
+            sink_q = rotate(q, torch.full((1,), p, device=q.device), positions.inv_freq, inverse=True).to(acc)
+        sink_k = _take(state.sink_keys(t, n, sinks, key, positions, acc), step.out_sinks)
+        sink_v = _take(value[:, :, :, None] if t == 0 else state.sinks[t - 1], step.out_sinks)
+        scores = torch.cat([scores, torch.einsum("bkgd,bkcd->bkgc", sink_q, sink_k)], dim=-1)
+        vals = torch.cat([vals, sink_v.to(vals.dtype)], dim=2)
+    weights = torch.softmax(scores * scale, dim=-1)  # [B, Hkv, G, keys]
+    # values [B, Hkv, keys, 1, D] (v, shared by the group) or [B, H, keys, D] (a pass's outputs)
+    vals = vals.to(acc)
+    if t == 0:
+        new = torch.einsum("bkgc,bkcd->bkgd", weights, vals[:, :, :, 0])
+    else:
+        new = torch.einsum("bkgc,bkgcd->bkgd", weights, vals.reshape(B, Hkv, G, -1, D))
+    if gate is not None:
+        g = gate[:, t].to(acc).reshape(1, Hkv, G, 1)
+        before = prev.to(acc).reshape(B, Hkv, -1, D)  # [B, Hkv, 1, D] (v) or [B, Hkv, G, D]
+        new = g * before + (1 - g) * new
+    return new.to(value.dtype).reshape(B, H, D)
 
 
 def _take(x: torch.Tensor, rows: list[int]) -> torch.Tensor:

@@ -161,7 +161,9 @@ def _fwd_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, offs_a, offs_d, d_ok,
 @triton.jit
 def _online_softmax(acc, m_i, l_i, scores, vt, PRECISION: tl.constexpr):
     """Fold one tile of (masked, base-2) scores and its values into the running max m_i,
-    sum l_i and output acc."""
+    sum l_i and output acc. The scores are taken in float32 whatever the scale's type (a
+    compiled graph may hand the kernel a float64 scale), so the loop's state keeps its type."""
+    scores = scores.to(tl.float32)
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     # a row with nothing allowed yet keeps m = -inf: exponentiate against 0 instead
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)

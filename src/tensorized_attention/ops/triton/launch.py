@@ -320,33 +320,36 @@ def _rotated_per_pass(q, k, shape, order, sinks, positions):
     of every pass, rotated at ``p // s_j`` ([m, B, N, H(kv), D], one kernel each:
     :func:`.rotary.rotate_passes`, float32 angles as rope.rotate computes them, with
     autograd), the sink queries (unrotated) and the sink keys of every pass (rotated at minus
-    their fixed distance, in PyTorch: a few keys). A pass of stride 1 over inputs that arrive
-    rotated at their positions takes them as they are (rotating back and forth again would
-    only add rounding)."""
+    their fixed distance, in PyTorch: a few keys). Inputs that arrive rotated at their
+    positions are rotated once, by the difference of the angles; a pass of stride 1 takes
+    them as they are, and the sinks' queries come from the same kernel, rotated back."""
     from .rotary import rotary_tables, rotate_passes
 
     N = q.shape[1]
     inv_freq = positions.inv_freq
     cos, sin = rotary_tables(N, inv_freq, q.device)
-    rope_scale = 1.0 if positions.rotated else positions.attention_scaling
-    if positions.rotated:  # back to unrotated (times the model's attention scaling)
-        qi, ki = (rotate_passes(x, x, cos, sin, [1], [0], 1.0, True)[0] for x in (q, k))
-    else:
-        qi, ki = q, k
+    rotated = positions.rotated
+    rope_scale = 1.0 if rotated else positions.attention_scaling
     st = strides(shape)
-    divisors = [0 if st[dim] == 1 and positions.rotated else st[dim] for dim in order]
-    moduli = [0] * len(divisors)
-    qs = rotate_passes(qi, q, cos, sin, divisors, moduli, rope_scale, False)  # [m, B, N, H, D]
-    ks = rotate_passes(ki, k, cos, sin, divisors, moduli, rope_scale, False)
+    divisors = [0 if st[dim] == 1 and rotated else st[dim] for dim in order]
     count = min(sinks, N)
+    unrotated = N + 1  # a divisor past the last position: the angle of every position is 0's
+    sinks_from_kernel = count > 0 and rotated
+    q_divisors = divisors + ([unrotated] if sinks_from_kernel else [])
+    qs = rotate_passes(q, q, cos, sin, q_divisors, [0] * len(q_divisors), rope_scale, False, rotated)
+    ks = rotate_passes(k, k, cos, sin, divisors, [0] * len(divisors), rope_scale, False, rotated)
     if not count:
         return qs, ks, None, None
-    first = ki[:, :count].transpose(1, 2)  # [B, Hkv, S, D]: rotate() wants positions at -2
+    first = k[:, :count].transpose(1, 2)  # [B, Hkv, S, D]: rotate() wants positions at -2
+    if rotated:
+        first = rotate(first, torch.arange(count, device=q.device), inv_freq, inverse=True)
     k_sinks = [rotate(first, -sink_distances(shape[dim], sinks)[:count].to(q.device), inv_freq, scale=rope_scale)
                for dim in order]
     sink_k = torch.stack(k_sinks).transpose(2, 3).contiguous()  # [m, B, S, Hkv, D]
     # the sinks' queries are q unrotated (scaled like every rotation); the kernels read them strided
-    sink_q = qi if rope_scale == 1.0 else (qi.to(torch.float32) * rope_scale).to(q.dtype)
+    if sinks_from_kernel:
+        return qs[:-1], ks, qs[-1], sink_k
+    sink_q = q if rope_scale == 1.0 else (q.to(torch.float32) * rope_scale).to(q.dtype)
     return qs, ks, sink_q, sink_k
 
 

@@ -769,13 +769,13 @@ def selected_pass(step, q, k, values, *, sinks, scale, positions=None, block_m=N
     if positions.rotated:  # a Hugging Face layer's q and k: rotated at 0 .. N-1 and scaled, the window's own
         rope_scale = 1.0
         q_window, k_window = q, k
-        q_content, k_content = (rotate_passes(x, x, cos, sin, [1], [0], 1.0, True)[0] for x in (q, k))
-        k_block = rotate_passes(k_content, k_content, cos, sin, [1], [W], 1.0, False)[0]
+        q_content, k_content = (rotate_passes(x, x, cos, sin, [1], [0], 1.0, True, False)[0] for x in (q, k))
+        k_block = rotate_passes(k_content, k_content, cos, sin, [1], [W], 1.0, False, False)[0]
     else:
         rope_scale = positions.attention_scaling
         q_content, k_content = q, k
-        q_window = rotate_passes(q, q, cos, sin, [1], [0], rope_scale, False)[0]
-        k_window, k_block = rotate_passes(k, k, cos, sin, [1, 1], [0, W], rope_scale, False)
+        q_window = rotate_passes(q, q, cos, sin, [1], [0], rope_scale, False, False)[0]
+        k_window, k_block = rotate_passes(k, k, cos, sin, [1, 1], [0, W], rope_scale, False, False)
     pos = torch.arange(n_sinks, device=q.device)
     k_sink = rotate(k_content[:, :n_sinks].transpose(1, 2), pos, positions.inv_freq, scale=rope_scale).transpose(1, 2)
     if rope_scale != 1.0:
