@@ -306,10 +306,20 @@ def gate_of(module, opts) -> torch.Tensor | None:
 
 
 def _gate_of_logit(logit: torch.Tensor, opts) -> torch.Tensor:
-    active = torch.tensor([g is not None for g in opts["gate"]], device=logit.device)
-    fixed = torch.tensor([g is not None and float(g) == 1.0 for g in opts["gate"]], device=logit.device)
-    gate = torch.where(active, torch.sigmoid(logit.float()), torch.zeros((), device=logit.device))
-    return torch.where(fixed, torch.ones((), device=logit.device), gate)
+    # the passes' kinds as two masks made once per configuration and device: a tensor built
+    # from a list on each call would copy to the GPU and wait for it, layer after layer
+    kinds = tuple(None if g is None else float(g) == 1.0 for g in opts["gate"])
+    masks = _GATE_MASKS.get((kinds, logit.device))
+    if masks is None:
+        active = torch.tensor([k is not None for k in kinds], device=logit.device)
+        fixed = torch.tensor([k is True for k in kinds], device=logit.device)
+        masks = _GATE_MASKS[(kinds, logit.device)] = (active, fixed)
+    active, fixed = masks
+    gate = torch.where(active, torch.sigmoid(logit.float()), 0.0)
+    return torch.where(fixed, 1.0, gate)
+
+
+_GATE_MASKS: dict = {}
 
 
 def mean_gates(model) -> list[float | None] | None:
