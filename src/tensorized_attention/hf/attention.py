@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -302,7 +303,14 @@ def gate_of(module, opts) -> torch.Tensor | None:
         raise RuntimeError(
             f"layer {module.layer_idx}: config.tensorized_attention has a gate but the layer has no "
             f"'{GATE_PARAM}' parameter; call tensorized_attention.hf.enable(model) after loading")
-    return _gate_of_logit(logit, opts)
+    if torch.is_grad_enabled():
+        return _gate_of_logit(logit, opts)
+    # without autograd (generation) the gate is kept until its logit changes
+    key = (logit.data_ptr(), logit._version, tuple(opts["gate"]))
+    cached = getattr(module, "_tensorized_gate", None)
+    if cached is None or cached[0] != key:
+        cached = module._tensorized_gate = (key, _gate_of_logit(logit, opts))
+    return cached[1]
 
 
 def _gate_of_logit(logit: torch.Tensor, opts) -> torch.Tensor:
@@ -362,6 +370,10 @@ def _rotary(module, device):
     if cached is not None and cached[0].device == device:
         return cached
     config = module.config
+    shared = _SHARED_ROTARY.get(id(config))  # one tensor for the layers of a model: decoding keys on it
+    if shared is not None and shared[0]() is config and shared[1] == module.head_dim and shared[2][0].device == device:
+        module._tensorized_rotary = shared[2]
+        return shared[2]
     params = dict(getattr(config, "rope_parameters", None) or {})
     scaling = getattr(config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
@@ -380,7 +392,11 @@ def _rotary(module, device):
         raise ValueError("tensor positions need rotary embeddings over the whole head dimension "
                          f"(got {out[0].numel() * 2} rotated of {module.head_dim})")
     module._tensorized_rotary = out
+    _SHARED_ROTARY[id(config)] = (weakref.ref(config), module.head_dim, out)
     return out
+
+
+_SHARED_ROTARY: dict = {}
 
 
 def tensorized_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -559,7 +575,7 @@ def _decode(module, opts, query, key, value, scale, state: DecodeState, past: in
         state.length = p + 1
         state.keys_read.append(keys_read)
         outs.append(out)
-    return torch.stack(outs, dim=1)  # [B, q_len, H, D]
+    return outs[0][:, None] if q_len == 1 else torch.stack(outs, dim=1)  # [B, q_len, H, D]
 
 
 @dataclass(frozen=True)
@@ -605,8 +621,7 @@ def _decode_pass_gpu(step: _DecodePass, state: DecodeState, q_p, key, value, pre
         sink_keys = state.sink_keys(t, step.n, sinks, key, positions, torch.float32)
         sink_values = value[:, :, :sink_keys.shape[2]] if t == 0 else state.sinks[t - 1]
         if positions is not None:
-            cos, sin = cos_sin(torch.full((1,), step.p, device=q_p.device), positions.inv_freq)
-            sink_rotation = (cos[0], sin[0])
+            sink_rotation = _rotation_at(step.p, positions.inv_freq)
     values = value if t == 0 else state.values[t - 1]
     ring = None if t == 0 else state.ring[t - 1]
     out = torch.empty((B, H, D), dtype=value.dtype, device=value.device)
@@ -614,6 +629,18 @@ def _decode_pass_gpu(step: _DecodePass, state: DecodeState, q_p, key, value, pre
                        scale=scale, rotation=rotation, sink_keys=sink_keys, sink_values=sink_values,
                        sink_rows=step.out_sinks, sink_rotation=sink_rotation,
                        gate=None if gate is None else gate.float(), gate_col=t)
+
+
+_ROTATION_AT: list = [None]  # (position, frequencies, (cos, sin)) of the last token decoded
+
+
+def _rotation_at(p: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [D] of position p's angles, made once per decoded token for all layers."""
+    last = _ROTATION_AT[0]
+    if last is None or last[0] != p or last[1] is not inv_freq:
+        cos, sin = cos_sin(torch.full((1,), p, device=inv_freq.device), inv_freq)
+        last = _ROTATION_AT[0] = (p, inv_freq, (cos[0], sin[0]))
+    return last[2]
 
 
 def _decode_pass_torch(step: _DecodePass, state: DecodeState, q_p, key, value, prev, positions, gate, sinks, scale):
