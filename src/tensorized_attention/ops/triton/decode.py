@@ -46,7 +46,9 @@ def _fold(m_i, l_i, acc1, acc2, scores, v1, v2):
     return m_new, l_i, acc1, acc2
 
 
-@triton.jit
+# the integers that change from token to token are not specialized on (Triton would compile
+# a variant per value 1 and per divisibility by 16, seen as stalls of hundreds of ms)
+@triton.jit(do_not_specialize=["lo", "count", "s", "ring", "n_sinks", "sink_bits", "gate_col"])
 def _decode_pass_kernel(
     Q, K, VAL, PREV, OUT, COS, SIN, QCOS, QSIN, SK, SV, GATE,
     stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
