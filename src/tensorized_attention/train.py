@@ -1169,7 +1169,19 @@ def add_arguments(p) -> None:
 
 def run(args, command: str) -> int:
     """``tensorized-attention train``: check the settings, load the model with its attention
-    and the data, train, write checkpoints, log and summary."""
+    and the data, train, write checkpoints, log and summary. A process group this call
+    starts (``--sequence-parallel``) is destroyed when it returns."""
+    import torch.distributed as dist
+
+    had_group = dist.is_available() and dist.is_initialized()
+    try:
+        return _run(args, command)
+    finally:
+        if not had_group and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args, command: str) -> int:
     import sys
 
     from . import bench, setups
