@@ -7,8 +7,10 @@ Pass ``t`` of stride ``s_t`` rotates position ``p`` at its tensor position ``p /
 one ``[m, B, N, H, D]`` tensor, the cosines and sines read from a table of the positions
 ``0 .. N-1`` computed in PyTorch exactly as :func:`tensorized_attention.rope.rotate`
 computes them (float32 angles); a pass of divisor 0 takes a second input ``y`` as it is
-(the contiguous pass of q and k that arrive rotated at their positions). Its gradient is
-one kernel too: the sum over the passes of each pass's gradient rotated back.
+(the contiguous pass of q and k that arrive rotated at their positions). Inputs that
+arrive rotated at their positions (a Hugging Face layer's q and k) are rotated once, by the
+difference of the two angles (``from_rotated``), never back to a copy first. Its gradient
+is one kernel too: the sum over the passes of each pass's gradient rotated back.
 """
 
 from __future__ import annotations
