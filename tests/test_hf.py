@@ -183,6 +183,29 @@ def test_cached_decoding_from_one_token_with_more_sinks_than_tokens(mode):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-6, atol=1e-6)
 
 
+def test_cached_decoding_follows_a_reordered_cache():
+    """Beam search reorders the cache: the decoding state (rings, sinks, the sinks' keys kept
+    for decoding) follows, so decoding on equals decoding the reordered batch from the start."""
+    model = hf.enable(_tiny(), {"shape": [None, 4], "mode": "complete", "gate": [0.5, None], "sinks": 2})
+    ids = torch.randint(0, 97, (2, 16))
+    swapped = ids.flip(0)
+
+    def decode(batch, cache, start, stop):
+        return [model(batch[:, i:i + 1], past_key_values=cache).logits for i in range(start, stop)]
+
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(ids[:, :9], past_key_values=cache)
+        decode(ids, cache, 9, 12)
+        cache.reorder_cache(torch.tensor([1, 0]))
+        after = decode(swapped, cache, 12, 16)
+        fresh = DynamicCache(config=model.config)
+        model(swapped[:, :9], past_key_values=fresh)
+        decode(swapped, fresh, 9, 12)
+        expected = decode(swapped, fresh, 12, 16)
+    torch.testing.assert_close(torch.cat(after, 1), torch.cat(expected, 1), rtol=1e-9, atol=1e-9)
+
+
 def test_decode_step_reads_sum_of_fold_keys():
     """The attention work of a decode step is sum(n_j) keys per head (plus the sinks outside
     the pass masks): counted, not timed."""

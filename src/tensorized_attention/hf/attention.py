@@ -204,6 +204,7 @@ def register() -> None:
         state.sinks = [fn(x) for x in state.sinks]
         if state.last is not None:
             state.last = fn(state.last)
+        state.tables = {key: x for key, x in state.tables.items() if key[0] != "sinks"}  # per batch row: made again
 
     def reorder(state, beam_idx, *a, **k):
         each(state, lambda x: x.index_select(0, beam_idx.to(x.device)))
