@@ -57,8 +57,8 @@ def test_decoding_kernel_equals_one_forward_and_the_pytorch_path(monkeypatch, op
         by_torch, _ = _decoded(model, ids, prefill)
         monkeypatch.setattr(hf_attention, "DECODE_KERNEL", True)
         calls = []
-        real = hf_attention._decode_pass_gpu
-        monkeypatch.setattr(hf_attention, "_decode_pass_gpu", lambda *a: calls.append(1) or real(*a))
+        real = hf_attention._decode_pass_triton
+        monkeypatch.setattr(hf_attention, "_decode_pass_triton", lambda *a: calls.append(1) or real(*a))
         by_kernel, cache = _decoded(model, ids, prefill)
     assert calls, "the kernel path did not run"
     torch.testing.assert_close(by_kernel, full, rtol=1e-4, atol=1e-4)

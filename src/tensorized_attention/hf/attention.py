@@ -531,11 +531,11 @@ def _decode(module, opts, query, key, value, scale, state: DecodeState, past: in
     at all. On a GPU each pass is one kernel (:func:`..ops.triton.decode.decode_pass`)."""
     if state.length != past:
         raise RuntimeError(f"tensorized decoding state holds {state.length} tokens but the cache holds {past}")
-    B, H, q_len, D = query.shape
+    q_len = query.shape[2]
     positions = _positions(module, opts, query.device)
     gate = gate_of(module, opts)
     sinks = opts["sinks"]
-    on_gpu = _decode_kernel_applies(query, sinks)
+    use_kernel = _decode_kernel_applies(query, sinks)
     outs = []
     for i in range(q_len):
         p = past + i
@@ -560,15 +560,15 @@ def _decode(module, opts, query, key, value, scale, state: DecodeState, past: in
             out_sinks = [j for j in range(min(sinks, p + 1)) if (p - j) % s or (p - j) // s >= count]
             step = _DecodePass(t, n, s, lo, count, out_sinks, p)
             ring = None if t == 0 else state.ring[t - 1]
-            if on_gpu and (ring is None or p - lo < ring):
-                new = _decode_pass_gpu(step, state, q_p, key, value, prev, positions, gate, sinks, scale)
+            if use_kernel and (ring is None or p - lo < ring):
+                new = _decode_pass_triton(step, state, q_p, key, value, prev, positions, gate, sinks, scale)
             else:
                 new = _decode_pass_torch(step, state, q_p, key, value, prev, positions, gate, sinks, scale)
             keys_read += count + len(out_sinks)
             if t < m - 1:
                 state.write(t, p, new)
             prev = new
-        out = prev.expand(B, H, D) if prev.shape[1] != H else prev
+        out = prev
         if state.last is not None:  # the selected or pooled pass, over the last fold pass's outputs
             state.last = torch.cat([state.last, out[:, :, None]], dim=2)
             q_pos = torch.tensor([p], device=query.device)
@@ -608,8 +608,8 @@ def _decode_kernel_applies(query, sinks: int) -> bool:
     return sinks <= MAX_SINKS and (DECODE_KERNEL is True or query.is_cuda)
 
 
-def _decode_pass_gpu(step: _DecodePass, state: DecodeState, q_p, key, value, prev, positions, gate, sinks, scale):
-    """One pass of a decoded token in one kernel: [B, H, D] in value's dtype."""
+def _decode_pass_triton(step: _DecodePass, state: DecodeState, q_p, key, value, prev, positions, gate, sinks, scale):
+    """One pass of a decoded token in one Triton kernel: [B, H, D] in value's dtype."""
     from ..ops.triton.decode import decode_pass
 
     B, H, D = q_p.shape
@@ -712,10 +712,3 @@ def _last_pass_for(module, opts, query, q_pos, key, values, scale, gate):
                         values.reshape(B, Hkv, values.shape[1] // Hkv, kv_len, D), g, min(sinks, kv_len), sinks,
                         scale, inv_freq, rope_scale, query_positions=q_pos)
     return out.reshape(B, H, Q, D)
-
-
-def _values_at(value, state, t, idx, G):
-    """The input values of pass t at positions idx: [B, H, len(idx), D]."""
-    if t == 0:
-        return value[:, :, idx].repeat_interleave(G, dim=1)
-    return state.read(t - 1, idx)
