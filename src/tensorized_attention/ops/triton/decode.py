@@ -130,7 +130,8 @@ def _decode_pass_kernel(
 def decode_pass(q, key, values, prev, out, *, lo: int, count: int, stride: int, ring: int | None, scale: float,
                 rotation=None, sink_keys=None, sink_values=None, sink_rows=(), sink_rotation=None,
                 gate=None, gate_col: int = 0) -> torch.Tensor:
-    """One pass of a decoded token on the GPU, into ``out [B, H, D]``.
+    """One pass of a decoded token in one Triton kernel, into ``out [B, H, D]`` (D even, the
+    head dim contiguous in every input).
 
     q ``[B, H, D]``: the query (rotated at its position with tensor positions); key ``[B,
     Hkv, L, D]``: the key cache; values ``[B, Hv, rows, D]``: the pass's input values, rows
@@ -141,6 +142,8 @@ def decode_pass(q, key, values, prev, out, *, lo: int, count: int, stride: int, 
     rotated by sink_rotation (cos, sin) ``[D]`` first where given. gate ``[H, m]`` (float32):
     column gate_col blends ``prev [B, Hv or H, D]`` (the pass's input at the query)."""
     B, H, D = q.shape
+    if D % 2:
+        raise ValueError(f"decode_pass takes an even head dim (its two halves), got {D}")
     Hkv = key.shape[1]
     half = D // 2
     bits = 0
