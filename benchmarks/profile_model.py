@@ -7,7 +7,8 @@ The model and the attention are those of ``tensorized-attention bench model`` (r
 weights, ``bench_model.SYSTEMS``). The call is run twice untimed, then ``--steps`` times
 under ``torch.profiler``; prints the operators and kernels by their GPU time per call, the
 wall time per call and the share of it the GPU was busy (a low share: the host is what
-waits), and writes them as JSON with ``--out``.
+waits), with ``--python`` the Python functions among them (exclusive host time), and
+writes them as JSON with ``--out``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=30, help="rows printed")
     p.add_argument("--out", help="JSON of the rows")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--python", action="store_true",
+                   help="record Python functions too: the host-time table then names the Python code that spends it")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -60,7 +63,7 @@ def main(argv=None):
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        with torch.profiler.profile(activities=activities) as prof:
+        with torch.profiler.profile(activities=activities, with_stack=args.python) as prof:
             start = time.perf_counter()
             for _ in range(args.steps):
                 call()
