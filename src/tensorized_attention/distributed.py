@@ -557,17 +557,17 @@ def _regrouped_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, s
     send_order = torch.argsort(dest, stable=True)
     send_counts = torch.bincount(dest, minlength=run.world).tolist()
     slots, _, real = layout[run.rank]
-    owners = _owner(run.offsets, slots[:real])  # real slots are a prefix, in increasing position
-    recv_order = torch.argsort(owners, stable=True)
-    recv_counts = torch.bincount(owners, minlength=run.world).tolist()
+    # the real slots are a prefix, in increasing position: their owners are in rank order,
+    # which is the order the all-to-all delivers them in (each rank sends its rows in order)
+    recv_counts = torch.bincount(_owner(run.offsets, slots[:real]), minlength=run.world).tolist()
     # there: q, k and the values of each token to the rank that computes its pass
     rows = _pack(q, k, values).transpose(0, 1)  # [L, B, F]
     got = _all_to_all(rows.index_select(0, send_order), send_counts, recv_counts, run.group)
-    placed = got.new_zeros((len(slots), *got.shape[1:])).index_copy(0, recv_order, got)
+    placed = got if real == len(slots) else F.pad(got, (0, 0, 0, 0, 0, len(slots) - real))  # padding slots: 0
     q_l, k_l, v_l = _unpack(placed.transpose(0, 1), (H, Hkv, Hv), D)
     out = _local_pass(run, t, step, layout[run.rank][1], q_l, k_l, v_l, slots, real, sink_k, sink_v)
     # back: each output to the rank that holds its token
-    back = _all_to_all(out.transpose(0, 1)[:real].index_select(0, recv_order), recv_counts, send_counts, run.group)
+    back = _all_to_all(out.transpose(0, 1)[:real], recv_counts, send_counts, run.group)
     return back.new_empty(back.shape).index_copy(0, send_order, back).transpose(0, 1)
 
 
