@@ -548,24 +548,27 @@ def _halo_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, sink_v
 
 def _regrouped_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, sink_v):
     """One all-to-all to the layout of ``entry``, the pass, and one all-to-all back."""
-    B, L, H, D = q.shape
-    Hkv, Hv = k.shape[2], values.shape[2]
+    L = q.shape[1]
     device = q.device
-    layout = [_layout(entry, run.seqlen, d, device) for d in range(run.world)]
     mine = torch.arange(run.offsets[run.rank], run.offsets[run.rank] + L, device=device)
     dest = _computing_rank(entry, mine)
     send_order = torch.argsort(dest, stable=True)
     send_counts = torch.bincount(dest, minlength=run.world).tolist()
-    slots, _, real = layout[run.rank]
+    slots, layout_stride, real = _layout(entry, run.seqlen, run.rank, device)
     # the real slots are a prefix, in increasing position: their owners are in rank order,
     # which is the order the all-to-all delivers them in (each rank sends its rows in order)
     recv_counts = torch.bincount(_owner(run.offsets, slots[:real]), minlength=run.world).tolist()
-    # there: q, k and the values of each token to the rank that computes its pass
-    rows = _pack(q, k, values).transpose(0, 1)  # [L, B, F]
-    got = _all_to_all(rows.index_select(0, send_order), send_counts, recv_counts, run.group)
-    placed = got if real == len(slots) else F.pad(got, (0, 0, 0, 0, 0, len(slots) - real))  # padding slots: 0
-    q_l, k_l, v_l = _unpack(placed.transpose(0, 1), (H, Hkv, Hv), D)
-    out = _local_pass(run, t, step, layout[run.rank][1], q_l, k_l, v_l, slots, real, sink_k, sink_v)
+
+    def there(x):
+        """[B, L, h, D] -> [B, slots, h, D]: each token's row to the rank that computes its
+        pass (one gather copy, then the all-to-all; padding slots are zeros)."""
+        got = _all_to_all(x.transpose(0, 1).index_select(0, send_order), send_counts, recv_counts, run.group)
+        if real < len(slots):
+            got = F.pad(got, (0, 0, 0, 0, 0, 0, 0, len(slots) - real))
+        return got.transpose(0, 1)
+
+    q_l, k_l, v_l = there(q), there(k), there(values)
+    out = _local_pass(run, t, step, layout_stride, q_l, k_l, v_l, slots, real, sink_k, sink_v)
     # back: each output to the rank that holds its token
     back = _all_to_all(out.transpose(0, 1)[:real], recv_counts, send_counts, run.group)
     return back.new_empty(back.shape).index_copy(0, send_order, back).transpose(0, 1)
