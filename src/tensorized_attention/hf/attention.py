@@ -304,14 +304,7 @@ def gate_of(module, opts) -> torch.Tensor | None:
         raise RuntimeError(
             f"layer {module.layer_idx}: config.tensorized_attention has a gate but the layer has no "
             f"'{GATE_PARAM}' parameter; call tensorized_attention.hf.enable(model) after loading")
-    if torch.is_grad_enabled():
-        return _gate_of_logit(logit, opts)
-    # without autograd (generation) the gate is kept until its logit changes
-    key = (logit.data_ptr(), logit._version, tuple(opts["gate"]))
-    cached = getattr(module, "_tensorized_gate", None)
-    if cached is None or cached[0] != key:
-        cached = module._tensorized_gate = (key, _gate_of_logit(logit, opts))
-    return cached[1]
+    return _gate_of_logit(logit, opts)
 
 
 def _gate_of_logit(logit: torch.Tensor, opts) -> torch.Tensor:
