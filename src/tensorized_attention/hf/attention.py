@@ -78,6 +78,8 @@ class DecodeState:
     # with a selected or pooled pass after the fold passes: the last fold pass's output at every
     # position so far ([B, H, length, D]), which that pass reads anywhere; else None
     last: torch.Tensor | None = None
+    n_sinks: int = 0  # the sinks (S): sinks[t] grows while the length is below it
+    tables: dict = field(default_factory=dict)  # decoding's rotation tables and sink keys, made once
 
     def read(self, t: int, idx: torch.Tensor) -> torch.Tensor:
         """Output of pass t at positions idx (all within its ring, or sinks): [B, H, len(idx), D]."""
@@ -145,9 +147,6 @@ class DecodeState:
             self.values[t][:, :, p % self.ring[t]] = x
         if p < self.n_sinks:
             self.sinks[t] = torch.cat([self.sinks[t], x[:, :, None]], dim=2)
-
-    n_sinks: int = 0
-    tables: dict = field(default_factory=dict)  # decoding's rotation tables and sink keys, made once
 
 
 def decode_state(cache, layer_idx: int) -> DecodeState | None:
