@@ -595,6 +595,8 @@ def _decode_kernel_applies(query, sinks: int) -> bool:
 
     if DECODE_KERNEL is False or query.shape[-1] % 2 or "triton" not in available_backends(query.device):
         return False
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):  # the kernel computes in float32
+        return False
     from ..ops.triton.decode import MAX_SINKS
 
     return sinks <= MAX_SINKS and (DECODE_KERNEL is True or query.is_cuda)
