@@ -219,3 +219,19 @@ def test_cli_bench_model(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "model", "--help"])
     assert "--quick" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("measurement", ["prefill", "decode"])
+def test_profile_model_script(tmp_path, measurement):
+    """benchmarks/profile_model.py on the CPU: the rows of a profiled step, the Python
+    functions among them with --python."""
+    spec = importlib.util.spec_from_file_location("profile_model", os.path.join(ROOT, "benchmarks", "profile_model.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "prof.json"
+    script.main(["--model", "smollm2-135m", "--layers", "1", "--seqlen", "64", "--measurement", measurement,
+                 "--device", "cpu", "--steps", "1", "--python", "--out", str(out)])
+    data = json.loads(out.read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert data["wall_ms"] > 0 and "aten::mm" in names
+    assert any("tensorized_attention" in n for n in names)  # a Python function of the package, by --python
