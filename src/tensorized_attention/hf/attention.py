@@ -81,28 +81,15 @@ class DecodeState:
     n_sinks: int = 0  # the sinks (S): sinks[t] grows while the length is below it
     tables: dict = field(default_factory=dict)  # decoding's rotation tables and sink keys, made once
 
-    def read(self, t: int, idx: torch.Tensor) -> torch.Tensor:
-        """Output of pass t at positions idx (all within its ring, or sinks): [B, H, len(idx), D]."""
-        if self.ring[t] is None:
-            return self.values[t][:, :, idx]
-        from_ring = self.values[t][:, :, idx % self.ring[t]]
-        # called while position `length` is being decoded: the ring holds length - ring + 1 .. length
-        in_ring = (self.length - idx) < self.ring[t]
-        if bool(in_ring.all()):
-            return from_ring
-        from_sinks = self.sinks[t][:, :, torch.clamp(idx, max=self.sinks[t].shape[2] - 1)]
-        return torch.where(in_ring[None, None, :, None], from_ring, from_sinks)
-
     def fiber(self, t: int, lo: int, hi: int, s: int) -> torch.Tensor:
-        """Output of pass t at positions lo, lo + s, ..., hi (``hi - lo < ring[t]``, read while
-        position ``length`` is decoded): [B, H, count, D], slices of the ring (two where
-        the positions wrap around it)."""
+        """Output of pass t at positions lo, lo + s, ..., hi, read by pass t + 1 (stride s)
+        while position ``length`` = hi is decoded: [B, H, count, D], slices of the ring (two
+        where the positions wrap around it). They always lie in the ring: pass t + 1 spans
+        at most n_{t+1} s = s_t = ring[t] positions, and s divides ring[t]."""
         x, ring = self.values[t], self.ring[t]
         count = (hi - lo) // s + 1
         if ring is None:
             return x[:, :, lo:hi + 1:s]
-        if self.length - lo >= ring or ring % s:
-            return self.read(t, torch.arange(lo, hi + 1, s, device=x.device))
         first = lo % ring
         before_wrap = min(count, (ring - 1 - first) // s + 1)
         head = x[:, :, first:first + (before_wrap - 1) * s + 1:s]
@@ -551,8 +538,7 @@ def _decode(module, opts, query, key, value, scale, state: DecodeState, past: in
             lo = p - (count - 1) * s  # the pass's keys: lo, lo + s, ..., p
             out_sinks = [j for j in range(min(sinks, p + 1)) if (p - j) % s or (p - j) // s >= count]
             step = _DecodePass(t, n, s, lo, count, out_sinks, p)
-            ring = None if t == 0 else state.ring[t - 1]
-            if use_kernel and (ring is None or p - lo < ring):
+            if use_kernel:
                 new = _decode_pass_triton(step, state, q_p, key, value, prev, positions, gate, sinks, scale)
             else:
                 new = _decode_pass_torch(step, state, q_p, key, value, prev, positions, gate, sinks, scale)
