@@ -157,7 +157,10 @@ def decode_pass(q, key, values, prev, out, *, lo: int, count: int, stride: int, 
     sk = sink_keys if n_sinks else key
     sv = sink_values if n_sinks else values
     g = gate if gate is not None else q
-    wrap_triton(_decode_pass_kernel)[(B * H,)](
+    # eager: launch the kernel itself; wrap_triton's dispatch would cost more host time than
+    # the kernel takes (it runs once per pass, layer and token); under torch.compile it traces
+    kernel = wrap_triton(_decode_pass_kernel) if torch.compiler.is_compiling() else _decode_pass_kernel
+    kernel[(B * H,)](
         q, key, values, prev, out, cos, sin, qcos, qsin, sk, sv, g,
         q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
         values.stride(0), values.stride(1), values.stride(2), prev.stride(0), prev.stride(1),

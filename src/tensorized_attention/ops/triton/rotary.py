@@ -106,8 +106,8 @@ def _rotate_back_kernel(
             c, s = _cos_sin_at(COS, SIN, n, div, tl.load(MOD + t), offs_h, m, HALF, FROM_ROTATED)
             if not INVERSE:  # the transpose of the forward's rotation
                 s = -s
-            acc1 += (g1 * c - g2 * s) * scale
-            acc2 += (g2 * c + g1 * s) * scale
+            acc1 += ((g1 * c - g2 * s) * scale).to(tl.float32)  # a compiled graph's scale arrives as float64
+            acc2 += ((g2 * c + g1 * s) * scale).to(tl.float32)
     out = OUT + b.to(tl.int64) * stride_ob + h * stride_oh + rows * stride_on + offs_h[None, :]
     tl.store(out, acc1.to(OUT.dtype.element_ty), mask=m)
     tl.store(out + HALF, acc2.to(OUT.dtype.element_ty), mask=m)
