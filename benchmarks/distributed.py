@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from tensorized_attention import tensorized_attn
-from tensorized_attention.distributed import plan_sequence_parallel, sequence_parallel_tensorized_attn
+from tensorized_attention.distributed import (balanced_lengths, plan_sequence_parallel,
+                                              sequence_parallel_tensorized_attn)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -51,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cp-max-tokens", type=int, default=262144,
                    help="run context-parallel SDPA up to this length (full attention: quadratic)")
     p.add_argument("--no-single", action="store_true", help="skip the one-GPU operator (P = 1)")
+    p.add_argument("--slices", choices=("equal", "balanced"), default="equal",
+                   help="the ranks' slices: equal lengths, or distributed.balanced_lengths (the same work per rank)")
     p.add_argument("--max-halo", type=float, default=None,
                    help="the operator's max_halo: a pass takes a halo only when no rank's halo exceeds this times "
                         "its slice (default: no limit)")
@@ -197,8 +200,11 @@ def run(args, on_row=None) -> dict | None:
         if N % args.inner or N < world:
             raise SystemExit(f"--inner ({args.inner}) must divide every length (got {N}), each >= the ranks")
         shape = (N // args.inner, args.inner)
-        base, extra = divmod(N, world)
-        lengths = [base + (r < extra) for r in range(world)]
+        if args.slices == "balanced":
+            lengths = balanced_lengths(N, world, shape, mode=args.mode)
+        else:
+            base, extra = divmod(N, world)
+            lengths = [base + (r < extra) for r in range(world)]
         L = lengths[rank]
         plan = plan_sequence_parallel(shape, N, world, mode=args.mode, heads=args.heads, kv_heads=args.kv_heads,
                                       headdim=args.headdim, dtype_bytes=torch.finfo(dtype).bits // 8,
@@ -239,7 +245,8 @@ def _result(args, world, backend, device, rows) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "ranks": world, "process_group_backend": backend, "torch": torch.__version__,
         "dtype": args.dtype, "heads": args.heads, "kv_heads": args.kv_heads, "headdim": args.headdim,
-        "batch": args.batch, "mode": args.mode, "iters": args.iters, "max_halo": args.max_halo, "rows": rows,
+        "batch": args.batch, "mode": args.mode, "iters": args.iters, "max_halo": args.max_halo,
+        "slices": args.slices, "rows": rows,
     }
 
 

@@ -55,7 +55,8 @@ def run_group(rank: int, world: int, init: str, jobs, results) -> None:
                 results.put((rank, name, fn(rank, world, *args)))
             except Exception:  # reported to the test, which fails on it
                 results.put((rank, name, "error: " + traceback.format_exc()))
-    finally:
+    finally:  # together: a rank leaving while another still tears down can abort it
+        dist.barrier()
         dist.destroy_process_group()
 
 

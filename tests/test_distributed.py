@@ -183,6 +183,36 @@ def test_plan_rejects_bad_input():
         plan_sequence_parallel((2, 4), 16, 2, **kw)
 
 
+@pytest.mark.parametrize("shape, N, world, mode, causal", [
+    ((8, 4), 30, 2, "complete", True), ((4, 4, 4), 61, 3, "complete", True), ((6, 5), 30, 4, "block", True),
+    ((5, 6), 28, 2, "block", False), ((16, 8), 128, 3, "complete", True)])
+def test_balanced_lengths_share_the_work(shape, N, world, mode, causal):
+    """Each rank's keys read (counted from the dense masks of the passes) is within one
+    position's work of an equal share; slices cover the sequence, each at least 1 long."""
+    from tensorized_attention.distributed import balanced_lengths
+    from tensorized_attention.passes import pass_mask
+
+    lengths = balanced_lengths(N, world, shape, mode=mode, causal=causal)
+    assert sum(lengths) == N and min(lengths) >= 1 and len(lengths) == world
+    work = sum(pass_mask(N, shape, dim, mode=mode, causal=causal).sum(1) for dim in range(len(shape))).double()
+    bounds = torch.tensor([0] + lengths).cumsum(0)
+    shares = [work[a:b].sum().item() for a, b in zip(bounds[:-1], bounds[1:])]
+    assert max(abs(x - work.sum().item() / world) for x in shares) <= 2 * work.max().item()
+    if causal and mode == "complete":  # later positions read more keys: earlier slices are longer
+        assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
+
+
+def test_balanced_lengths_rejects_bad_input():
+    from tensorized_attention.distributed import balanced_lengths
+
+    with pytest.raises(ValueError, match="seqlen must be an int >= world_size"):
+        balanced_lengths(3, 4)
+    with pytest.raises(ValueError, match="world_size must be an int >= 1"):
+        balanced_lengths(8, 0)
+    with pytest.raises(ValueError, match="mode"):
+        balanced_lengths(8, 2, (4, 2), mode="ring")
+
+
 def test_needs_a_process_group():
     from tensorized_attention.distributed import sequence_parallel_tensorized_attn
 

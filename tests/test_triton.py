@@ -223,6 +223,53 @@ def test_outputs_fully_written_over_nan(monkeypatch, positions):
     assert not any(g.isnan().any() for g in grads)
 
 
+# (fold, seqlen, first query, causal, mode, pass dim, heads, kv heads, gate): one pass whose
+# queries are the last positions (a rank's slice after its halo of keys, distributed.py)
+SUFFIX_CASES = [
+    ((3, 6, 4), 70, 29, True, "complete", 1, 4, 2, True),
+    ((5, 7), 35, 13, True, "complete", 0, 2, 1, False),
+    ((5, 7), 33, 7, True, "block", 0, 2, 2, True),
+    ((4, 8), 32, 17, False, "block", 0, 3, 1, True),
+    ((4, 8), 32, 31, True, "complete", 1, 2, 1, False),
+]
+if CUDA:
+    SUFFIX_CASES += [((8, 64, 8), 4096, 2300, True, "complete", 1, 8, 2, True)]  # the oracle is dense: N^2
+
+
+@pytest.mark.parametrize("case", SUFFIX_CASES, ids=lambda c: f"{c[0]}-N{c[1]}-from{c[2]}-{c[4]}")
+def test_queries_of_the_last_positions_match_oracle(case):
+    """q for the last positions only (one pass, no sinks): the output and the gradients are
+    the whole sequence's at those rows (dq there; dk, dv and the gate's from those queries
+    alone), and the earlier queries are never read."""
+    shape, N, first, causal, mode, dim, H, Hkv, gated = case
+    dtype = torch.float32
+    q = torch.randn(1, N, H, 16, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(1, N, Hkv, 16, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    gate = torch.rand(H, 1, device=DEVICE, requires_grad=True) if gated else None
+    q_last = q[:, first:].clone().requires_grad_()
+    q_all = torch.cat([torch.full_like(q[:, :first], float("nan")), q_last], dim=1)  # NaN: must not be read
+    out, *_ = triton_fwd(q_last[None], k[None], v, gate, None, None, list(shape), [dim], causal, mode == "complete",
+                         0, 0.25, True)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q_last, k, v] + ([gate] if gated else []), dout)
+    q_ref = q_all.detach().nan_to_num(0.0).requires_grad_()
+    ref = oracle(q_ref, k, v, shape, causal=causal, mode=mode, order=[dim], gate=gate, softmax_scale=0.25)[:, first:]
+    refs = torch.autograd.grad(ref, [q_ref, k, v] + ([gate] if gated else []), dout.double())
+    refs = (refs[0][:, first:], *refs[1:])
+    assert out.shape == q_last.shape and _max_err(out, ref) < 1e-4
+    for g, g_ref in zip(grads, refs, strict=True):
+        assert _max_err(g, g_ref) < 1e-4 * (g_ref.abs().max().item() + 1)
+
+
+def test_queries_of_the_last_positions_need_one_pass_without_sinks():
+    q = torch.randn(1, 10, 2, 16, device=DEVICE)
+    k = torch.randn(1, 12, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="last 10 of 12 positions only in one pass without sinks"):
+        triton_fwd(q[None], k[None], k, None, None, None, [3, 4], [0, 1], True, True, 0, 0.25, False)
+    with pytest.raises(ValueError, match="sinks=2"):
+        triton_fwd(q[None], k[None], k, None, None, None, [3, 4], [0], True, True, 2, 0.25, False)
+
+
 def test_no_grad_needs_no_saved_state():
     """Inference (no grad) keeps at most two intermediate buffers and no statistics."""
     case = ((3, 4, 5), 60, True, "complete", None, 2, 1, 16, True, 2)

@@ -33,7 +33,7 @@ from .fold import check_shape, choose_shape
 from .passes import MODES, FoldPass, plan_passes
 from .rope import TensorPositions, rotate
 
-__all__ = ["PassPlan", "plan_sequence_parallel", "sequence_parallel_tensorized_attn"]
+__all__ = ["PassPlan", "balanced_lengths", "plan_sequence_parallel", "sequence_parallel_tensorized_attn"]
 
 KINDS = ("local", "halo", "all_to_all")
 
@@ -80,6 +80,45 @@ def _split(seqlen: int, world_size: int) -> list[int]:
     """The default slice lengths: as equal as possible, the longer ones first."""
     base, extra = divmod(seqlen, world_size)
     return [base + (r < extra) for r in range(world_size)]
+
+
+def balanced_lengths(seqlen: int, world_size: int, shape: Sequence[int] | None = None, *, mode: str | None = None,
+                     order: Sequence[int] | None = None, causal: bool = True) -> list[int]:
+    """Slice lengths (in rank order, each at least 1) that give every rank the same share of
+    the passes' work: the keys its queries read, summed over the passes (a halo's keys are
+    read by the receiving rank's queries alone). Causal passes read more keys late in the
+    sequence (a complete pass reads ``min(n, p // s + 1)`` keys at position p), so equal
+    slices leave the last rank the most work; these lengths give the first ranks longer
+    slices instead. Pass them as the ranks' slices to
+    :func:`sequence_parallel_tensorized_attn`."""
+    from .ops.dispatch import _check_order
+
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < world_size:
+        raise ValueError(f"seqlen must be an int >= world_size ({world_size}), got {seqlen!r}")
+    shape = check_shape(choose_shape(seqlen) if shape is None else shape, seqlen)
+    mode = mode or ("complete" if causal else "block")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES} or None, got {mode!r}")
+    p = torch.arange(seqlen, dtype=torch.int64)
+    work = torch.zeros(seqlen, dtype=torch.float64)
+    for step in plan_passes(shape, _check_order(order, len(shape)), mode, causal):
+        a = p // step.stride
+        if mode == "complete":
+            work += torch.clamp(a + 1, max=step.size).double()
+        elif causal:
+            work += (a % step.size + 1).double()
+        else:
+            work += float(step.size)
+    cumulative = torch.cumsum(work, 0)
+    targets = cumulative[-1] * torch.arange(1, world_size, dtype=torch.float64) / world_size
+    cuts = torch.searchsorted(cumulative, targets).tolist()  # the last position of each rank but the last
+    bounds = [0]
+    for r, cut in enumerate(cuts):  # each rank keeps at least one position
+        bounds.append(min(max(cut + 1, bounds[-1] + 1), seqlen - (world_size - 1 - r)))
+    bounds.append(seqlen)
+    return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
 def _count_residues(x: int, s: int, a: int, b: int) -> int:
@@ -536,12 +575,14 @@ def _halo_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, sink_v
         nxt = entry.halo[run.rank + 1] if run.rank + 1 < run.world else 0
         got = _Halo.apply(_pack(k, values), nxt, h, run.group)
         hk, hv = _unpack(got, (Hkv, Hv), D)
-        q_l = F.pad(q, (0, 0, 0, 0, h, 0))
         k_l, v_l = torch.cat([hk, k], dim=1), torch.cat([hv, values], dim=1)
     else:
-        q_l, k_l, v_l = q, k, values
+        k_l, v_l = k, values
     start = run.offsets[run.rank] - h
     slots = torch.arange(start, start + h + L, device=q.device)
+    if run.backend == "triton":  # the kernels take this rank's queries alone: the halo's are not computed
+        return _local_pass(run, t, step, step.stride, q, k_l, v_l, slots, h + L, sink_k, sink_v)
+    q_l = F.pad(q, (0, 0, 0, 0, h, 0))
     out = _local_pass(run, t, step, step.stride, q_l, k_l, v_l, slots, h + L, sink_k, sink_v)
     return out[:, h:]
 
@@ -606,8 +647,10 @@ def _owner(offsets: list[int], positions: torch.Tensor) -> torch.Tensor:
 
 def _local_pass(run: _Run, t, step, layout_stride, q_l, k_l, v_l, slots, real, sink_k, sink_v):
     """Pass ``step`` over this rank's slots (``real``: the prefix that holds positions);
-    returns ``[B, len(slots), H, D]`` (exact where every key of a slot is present)."""
-    B, P, H, D = q_l.shape
+    returns ``[B, len(slots), H, D]`` (exact where every key of a slot is present). On the
+    Triton backend q_l may hold only the last rows' queries (a halo's slots): the result
+    then has those rows."""
+    B, P, H, D = k_l.shape[0], k_l.shape[1], q_l.shape[2], q_l.shape[3]
     if real == 0:
         return q_l.new_zeros((B, P, H, D))
     n = step.size
@@ -617,9 +660,17 @@ def _local_pass(run: _Run, t, step, layout_stride, q_l, k_l, v_l, slots, real, s
         from .ops.triton import tensorized_attn_triton
 
         local_shape = (-(-real // whole), n, layout_stride)
-        out = tensorized_attn_triton(q_l[:, :real], k_l[:, :real], v_l[:, :real], local_shape, causal=run.causal,
+        first = P - q_l.shape[1]  # slots before this are keys only
+        q_in, k_in, positions = q_l[:, :real - first], k_l[:, :real], run.positions
+        if positions is not None and first:  # rotated here, at the slots' fiber indices (the kernels' angles)
+            rows = torch.arange(real, device=q_l.device) // layout_stride
+            scale = positions.attention_scaling
+            q_in = rotate(q_in.transpose(1, 2), rows[first:], positions.inv_freq, scale=scale).transpose(1, 2)
+            k_in = rotate(k_in.transpose(1, 2), rows, positions.inv_freq, scale=scale).transpose(1, 2)
+            positions = None
+        out = tensorized_attn_triton(q_in, k_in, v_l[:, :real], local_shape, causal=run.causal,
                                      mode=run.mode, order=(1,), gate=None if gate is None else gate[:, None],
-                                     sinks=0, softmax_scale=run.scale, positions=run.positions)
+                                     sinks=0, softmax_scale=run.scale, positions=positions)
         return F.pad(out, (0, 0, 0, 0, 0, P - real))
     from .ops.reference import fold_pass_reference
 

@@ -185,7 +185,7 @@ def _fwd_kernel(
     stride_sqb, stride_sqn, stride_sqh,
     stride_skb, stride_skn, stride_skh,
     stride_gh, gate_col,
-    N, H, BH, A, n, s, n_sinks, scale_log2,
+    N, Q0, H, BH, A, n, s, n_sinks, scale_log2,
     GROUP: tl.constexpr,  # query heads per kv head
     V_GROUP: tl.constexpr,  # query heads per value head: GROUP for the first pass, 1 after
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -195,9 +195,11 @@ def _fwd_kernel(
     PRECISION: tl.constexpr, RESIDUE_MAJOR: tl.constexpr,
 ):
     """One pass. The sinks are scored with the queries SQ when SINK_Q (else Q) against the
-    keys SK (rows 0 .. n_sinks - 1; SK is K itself unless the caller gives other sink keys)."""
+    keys SK (rows 0 .. n_sinks - 1; SK is K itself unless the caller gives other sink keys).
+    Only positions Q0 .. N - 1 are queries: Q, Out, Attn and Lse hold their rows (row
+    p - Q0), K and V every position's."""
     bh, b, h, a0, r = _query_program(BH, H, A, s, BLOCK_M, RESIDUE_MAJOR)
-    if a0 * s + r >= N:
+    if a0 * s + r >= N or (a0 + BLOCK_M - 1) * s + r < Q0:
         return
     hk = h // GROUP
     hv = h // V_GROUP
@@ -207,10 +209,11 @@ def _fwd_kernel(
 
     offs_a = a0 + tl.arange(0, BLOCK_M)
     pos_q = offs_a * s + r
-    q_ok = pos_q < N
+    q_ok = (pos_q < N) & (pos_q >= Q0)
+    row_q = pos_q - Q0
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(q_base + pos_q.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
+    q = tl.load(q_base + row_q.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
                 mask=q_ok[:, None] & d_ok[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -233,15 +236,15 @@ def _fwd_kernel(
     # rows past seqlen read nothing (l = 0): give them 1 so nothing divides by zero
     l_i = tl.where(q_ok, l_i, 1.0)
     attn = acc / l_i[:, None]
-    tl.store(Lse + bh.to(tl.int64) * N + pos_q, m_i + tl.math.log2(l_i), mask=q_ok)
-    out_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + pos_q.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
+    tl.store(Lse + bh.to(tl.int64) * (N - Q0) + row_q, m_i + tl.math.log2(l_i), mask=q_ok)
+    out_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + row_q.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
     io_mask = q_ok[:, None] & d_ok[None, :]
     if HAS_GATE:
         g = tl.load(Gate + h * stride_gh + gate_col).to(tl.float32)
         v_in = tl.load(v_base + pos_q.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=io_mask, other=0.0)
         res = g * v_in.to(tl.float32) + (1.0 - g) * attn
         if STORE_ATTN:
-            tl.store(Attn + b.to(tl.int64) * stride_ob + h * stride_oh + pos_q.to(tl.int64)[:, None] * stride_on
+            tl.store(Attn + b.to(tl.int64) * stride_ob + h * stride_oh + row_q.to(tl.int64)[:, None] * stride_on
                      + offs_d[None, :], attn.to(Attn.dtype.element_ty), mask=io_mask)
     else:
         res = attn
@@ -269,21 +272,21 @@ def _dq_tile(dq, q, do, lse, delta, k_base, v_base, start, hi, offs_a, offs_d, d
 
 @triton.jit
 def _dkdv_tile(dk, dv, kt, vt, q_base, o_base, Lse, Delta, bh, gh, start, hi, offs_k, k_ok, offs_d, d_ok, r,
-               N, n, s, stride_qn, stride_on, scale_log2,
+               N, Q0, n, s, stride_qn, stride_on, scale_log2,
                BLOCK_M: tl.constexpr, COMPLETE: tl.constexpr, CAUSAL: tl.constexpr, HAS_GATE: tl.constexpr,
                PRECISION: tl.constexpr):
-    """dk += dS^T q and dv += P^T dO over one query tile."""
+    """dk += dS^T q and dv += P^T dO over one query tile (queries: positions from Q0)."""
     offs_a = start + tl.arange(0, BLOCK_M)
     pos_q = offs_a * s + r
-    q_ok = (offs_a < hi) & (pos_q < N)
-    row_q = pos_q.to(tl.int64)[:, None]
+    q_ok = (offs_a < hi) & (pos_q < N) & (pos_q >= Q0)
+    row_q = (pos_q - Q0).to(tl.int64)[:, None]
     qm = q_ok[:, None] & d_ok[None, :]
     q = tl.load(q_base + row_q * stride_qn + offs_d[None, :], mask=qm, other=0.0)
     do = tl.load(o_base + row_q * stride_on + offs_d[None, :], mask=qm, other=0.0)
     if HAS_GATE:
         do = ((1.0 - gh) * do.to(tl.float32)).to(q.dtype)
-    lse = tl.load(Lse + bh.to(tl.int64) * N + pos_q, mask=q_ok, other=float("inf"))
-    delta = tl.load(Delta + bh.to(tl.int64) * N + pos_q, mask=q_ok, other=0.0)
+    lse = tl.load(Lse + bh.to(tl.int64) * (N - Q0) + (pos_q - Q0), mask=q_ok, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * (N - Q0) + (pos_q - Q0), mask=q_ok, other=0.0)
     # transposed scores: [BLOCK_N keys, BLOCK_M queries]; lse = inf zeroes padded rows
     st = tl.dot(kt, tl.trans(q), input_precision=PRECISION) * scale_log2
     allowed = tl.trans(_pass_mask(offs_a, offs_k, n, COMPLETE, CAUSAL)) & k_ok[:, None]
@@ -305,7 +308,7 @@ def _bwd_dq_kernel(
     stride_sqb, stride_sqn, stride_sqh,
     stride_skb, stride_skn, stride_skh,
     stride_gh, gate_col,
-    N, H, BH, A, n, s, n_sinks, scale_log2, scale,
+    N, Q0, H, BH, A, n, s, n_sinks, scale_log2, scale,
     GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -319,9 +322,10 @@ def _bwd_dq_kernel(
     output V_t; dO = (1 - g) DOut is the gradient of its attention output O = Attn.
     With SINK_Q the sinks were scored with the queries SQ: their share of the gradient goes
     to DQS (added when ACCUMULATE_SINK_Q) instead of DQ.
-    DQ, DQS, DOut and Attn share the [batch, seqlen, heads, headdim] strides (stride_o*)."""
+    DQ, DQS, DOut and Attn share the [batch, seqlen, heads, headdim] strides (stride_o*).
+    Queries from position Q0 (as in _fwd_kernel: the query-side tensors hold rows p - Q0)."""
     bh, b, h, a0, r = _query_program(BH, H, A, s, BLOCK_M, RESIDUE_MAJOR)
-    if a0 * s + r >= N:
+    if a0 * s + r >= N or (a0 + BLOCK_M - 1) * s + r < Q0:
         return
     hk = h // GROUP
     hv = h // V_GROUP
@@ -332,18 +336,20 @@ def _bwd_dq_kernel(
 
     offs_a = a0 + tl.arange(0, BLOCK_M)
     pos_q = offs_a * s + r
-    q_ok = pos_q < N
+    q_ok = (pos_q < N) & (pos_q >= Q0)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     io_mask = q_ok[:, None] & d_ok[None, :]
-    row_q = pos_q.to(tl.int64)[:, None]
+    row_q = (pos_q - Q0).to(tl.int64)[:, None]
+    NQ = N - Q0
     q = tl.load(q_base + row_q * stride_qn + offs_d[None, :], mask=io_mask, other=0.0)
     dout = tl.load(DOut + o_off + row_q * stride_on + offs_d[None, :], mask=io_mask, other=0.0).to(tl.float32)
     attn = tl.load(Attn + o_off + row_q * stride_on + offs_d[None, :], mask=io_mask, other=0.0).to(tl.float32)
     if HAS_GATE:
         g = tl.load(Gate + h * stride_gh + gate_col).to(tl.float32)
-        v_in = tl.load(v_base + row_q * stride_vn + offs_d[None, :], mask=io_mask, other=0.0).to(tl.float32)
-        tl.store(DgPart + bh.to(tl.int64) * N + pos_q, tl.sum(dout * (v_in - attn), 1), mask=q_ok)
+        v_in = tl.load(v_base + pos_q.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=io_mask,
+                       other=0.0).to(tl.float32)
+        tl.store(DgPart + bh.to(tl.int64) * NQ + (pos_q - Q0), tl.sum(dout * (v_in - attn), 1), mask=q_ok)
         do = (1.0 - g) * dout
     else:
         do = dout
@@ -351,8 +357,8 @@ def _bwd_dq_kernel(
     # dS = P (dP - delta) sums to zero as it must; the dk/dv and sink kernels round alike
     do = do.to(Q.dtype.element_ty)
     delta = tl.sum(do.to(tl.float32) * attn, 1)
-    tl.store(Delta + bh.to(tl.int64) * N + pos_q, delta, mask=q_ok)
-    lse = tl.load(Lse + bh.to(tl.int64) * N + pos_q, mask=q_ok, other=float("inf"))
+    tl.store(Delta + bh.to(tl.int64) * NQ + (pos_q - Q0), delta, mask=q_ok)
+    lse = tl.load(Lse + bh.to(tl.int64) * NQ + (pos_q - Q0), mask=q_ok, other=float("inf"))
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     # the sinks first here: measured faster than after the key loop (the forward does the opposite)
@@ -395,7 +401,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
     stride_gh, gate_col,
-    N, H, BHKV, A, n, s, scale_log2, scale,
+    N, Q0, H, BHKV, A, n, s, scale_log2, scale,
     GROUP: tl.constexpr, V_GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -407,7 +413,8 @@ def _bwd_dkdv_kernel(
     of the pass's input values DV (the gate's direct share included). A program owns
     BLOCK_N key slots of one residue and one (batch, kv head), and visits, for each of the
     GROUP query heads of that kv head, the query tiles that read those keys (sinks read
-    outside the pass mask are handled by _bwd_sink_kernel)."""
+    outside the pass mask are handled by _bwd_sink_kernel). Queries from position Q0 (as in
+    _fwd_kernel); DOut holds their rows, DK and DV every key's."""
     pid = tl.program_id(0)
     bhk = pid % BHKV
     tile = pid // BHKV
@@ -430,6 +437,8 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lo, hi = _query_range(k0, n, A, BLOCK_M, BLOCK_N, COMPLETE, CAUSAL)
+    first = tl.maximum(Q0 - r + s - 1, 0) // s  # the first slot of residue r that is a query
+    lo = tl.maximum(lo, (first // BLOCK_M) * BLOCK_M)
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
@@ -444,10 +453,11 @@ def _bwd_dkdv_kernel(
             gh = 0.0
         for start in range(lo, hi, BLOCK_M):
             dk, dv = _dkdv_tile(dk, dv, kt, vt, q_base, o_base, Lse, Delta, bh, gh, start, hi, offs_k, k_ok,
-                                offs_d, d_ok, r, N, n, s, stride_qn, stride_on, scale_log2,
+                                offs_d, d_ok, r, N, Q0, n, s, stride_qn, stride_on, scale_log2,
                                 BLOCK_M, COMPLETE, CAUSAL, HAS_GATE, PRECISION)
-        if HAS_GATE:
-            dv += gh * tl.load(o_base + row_k * stride_on + offs_d[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        if HAS_GATE:  # the gate's direct share, at the keys that are queries too
+            dv += gh * tl.load(o_base + (row_k - Q0) * stride_on + offs_d[None, :],
+                               mask=kv_mask & (pos_k >= Q0)[:, None], other=0.0).to(tl.float32)
         if V_GROUP == 1:
             tl.store(DV + b.to(tl.int64) * stride_dvb + h * stride_dvh + row_k * stride_dvn + offs_d[None, :],
                      dv.to(DV.dtype.element_ty), mask=kv_mask)

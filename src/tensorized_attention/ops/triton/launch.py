@@ -100,8 +100,10 @@ def fwd_pass(q, k, src, dst, attn, lse, gate, t, n, s, A, *, causal, complete, s
     and stride ``s``; ``A = prod(shape) / s``): reads q, k and the values ``src``, writes
     ``dst`` (and the attention output ``attn`` when given, gated passes), and ``lse``.
     The sinks are scored with ``sink_q`` (default q) against ``sink_k`` (default the first
-    rows of k)."""
-    B, N, H, D = q.shape
+    rows of k). q may hold fewer rows than k: the queries are then k's last positions
+    (q, dst, attn and lse hold their rows only; no sinks)."""
+    B, NQ, H, D = q.shape
+    N = k.shape[1]
     n_sinks, block_s = _sink_block(sinks, N)
     cfg = cfg or block_config(n, D, "fwd_contiguous" if s == 1 else "fwd")
     gate_arg = gate if gate is not None else lse
@@ -112,7 +114,7 @@ def fwd_pass(q, k, src, dst, attn, lse, gate, t, n, s, A, *, causal, complete, s
         q, k, src, dst, attn if attn is not None else dst, lse, gate_arg, sq, sk,
         *_strides(q), *_strides(k), *_strides(src), *_strides(dst), *_strides(sq), *_strides(sk),
         gate.stride(0) if gate is not None else 0, t,
-        N, H, B * H, A, n, s, n_sinks, scale * LOG2E,
+        N, N - NQ, H, B * H, A, n, s, n_sinks, scale * LOG2E,
         GROUP=H // k.shape[2], V_GROUP=H // src.shape[2], HEAD_DIM=D, BLOCK_S=block_s,
         COMPLETE=complete, CAUSAL=causal, HAS_GATE=gate is not None, HAS_SINKS=n_sinks > 0,
         SINK_Q=sink_q is not None, STORE_ATTN=attn is not None, PRECISION=_precision(q.dtype), **cfg,
@@ -130,18 +132,23 @@ def triton_fwd(
     (Pq, Pk = m), or one for all (1); v [B, N, Hkv, D]. sink_q [B, N, H, D] and sink_k
     [m, B, S, Hkv, D] (S = min(sinks, N)), when given, score the sinks instead of q and the
     first keys of k (rotary tensor positions: the sinks sit at fixed distances).
+    With one pass and no sinks q may hold fewer positions than k, ``[Pq, B, NQ, H, D]``:
+    the queries are the last NQ positions (a slice of a longer sequence whose earlier keys
+    it reads), and out, attn and lse hold their rows only.
     Returns (out, values, attn, lse): values [m-1, B, N, H, D] = the inputs of passes
     2..m, attn [m, B, N, H, D] = the attention output of each pass (gate only), lse
     [m, B*H, N] float32; the last three are empty unless ``for_backward``."""
-    _, B, N, H, D = q.shape
+    _, B, NQ, H, D = q.shape
+    N = k.shape[2]
     m = len(order)  # passes (a permutation of the dims; fewer for one pass of a sub-problem)
+    _check_queries(NQ, N, m, sinks)
     P = fold_size(shape)
     st = strides(shape)
     keep = for_backward
     values = q.new_empty((m - 1, B, N, H, D) if keep else (min(m - 1, 2), B, N, H, D))
-    attn = q.new_empty((m, B, N, H, D) if keep and gate is not None else (0,))
-    lse = q.new_empty((m if keep else 1, B * H, N), dtype=torch.float32)
-    out = q.new_empty((B, N, H, D))
+    attn = q.new_empty((m, B, NQ, H, D) if keep and gate is not None else (0,))
+    lse = q.new_empty((m if keep else 1, B * H, NQ), dtype=torch.float32)
+    out = q.new_empty((B, NQ, H, D))
     src = v
     for t, dim in enumerate(order):
         dst = out if t == m - 1 else values[t if keep else t % 2]
@@ -163,8 +170,8 @@ def triton_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, dgate, dsink_q, dsink_k), shaped as their inputs (dq, dk per
     pass when q, k are); dgate is [H, m] float32; empty where there is no such input."""
-    Pq, B, N, H, D = q.shape
-    Pk, Hkv = k.shape[0], k.shape[3]
+    Pq, B, NQ, H, D = q.shape
+    Pk, N, Hkv = k.shape[0], k.shape[2], k.shape[3]
     m = len(order)  # passes (a permutation of the dims; fewer for one pass of a sub-problem)
     P = fold_size(shape)
     st = strides(shape)
@@ -175,8 +182,8 @@ def triton_bwd(
     dsink_q = torch.empty((B, N, H, D), dtype=q.dtype, device=q.device) if sink_q is not None else q.new_empty((0,))
     dsink_k = torch.empty_like(sink_k) if sink_k is not None else q.new_empty((0,))
     dval = q.new_empty((min(m - 1, 2), B, N, H, D))
-    delta = torch.empty((B * H, N), dtype=torch.float32, device=q.device)
-    dg_rows = torch.empty((B * H, N), dtype=torch.float32, device=q.device) if gate is not None else delta
+    delta = torch.empty((B * H, NQ), dtype=torch.float32, device=q.device)
+    dg_rows = torch.empty((B * H, NQ), dtype=torch.float32, device=q.device) if gate is not None else delta
     dgate = torch.zeros((H, m), dtype=torch.float32, device=q.device) if gate is not None else q.new_empty((0,))
     gate_arg = gate if gate is not None else q.new_empty(1)
     gate_stride = gate_arg.stride(0) if gate is not None else 0
@@ -207,7 +214,7 @@ def triton_bwd(
             dsink_q if sink_q is not None else dq_t,
             *common_strides, *_strides(grad_out), *_strides(sq), *_strides(sk),
             gate_stride, t,
-            N, H, B * H, A, n, s, n_sinks, scale * LOG2E, scale,
+            N, N - NQ, H, B * H, A, n, s, n_sinks, scale * LOG2E, scale,
             BLOCK_S=block_s, HAS_SINKS=n_sinks > 0, SINK_Q=sink_q is not None,
             ACCUMULATE=Pq == 1 and t != m - 1, ACCUMULATE_SINK_Q=t != m - 1, **consts, **cfg,
         )
@@ -216,7 +223,7 @@ def triton_bwd(
             q_t, k_t, src, grad_out, lse[t], delta, dk_t, dsrc, gate_arg,
             *common_strides, *_strides(grad_out), *_strides(dk_t), *_strides(dsrc),
             gate_stride, t,
-            N, H, B * Hkv, A, n, s, scale * LOG2E, scale,
+            N, N - NQ, H, B * Hkv, A, n, s, scale * LOG2E, scale,
             ACCUMULATE=Pk == 1 and t != m - 1, **consts, **cfg_k,
         )
         if n_sinks:
@@ -241,21 +248,28 @@ def triton_bwd(
                 dk_t[:, :n_sinks] += dks.to(dk.dtype)
             dsrc[:, :n_sinks] += dvs.to(dsrc.dtype)
         if gate is not None:
-            dgate[:, t] = dg_rows.view(B, H, N).sum((0, 2))
+            dgate[:, t] = dg_rows.view(B, H, NQ).sum((0, 2))
         grad_out = dsrc
     return dq, dk, dv, dgate, dsink_q, dsink_k
 
 
+def _check_queries(NQ: int, N: int, m: int, sinks: int) -> None:
+    if NQ != N and (NQ > N or m != 1 or sinks):
+        raise ValueError(f"the Triton passes take queries for the last {NQ} of {N} positions only in one pass "
+                         f"without sinks (got {m} passes, sinks={sinks}); give q as many positions as k")
+
+
 @triton_fwd.register_fake
 def _(q, k, v, gate, sink_q, sink_k, shape, order, causal, complete, sinks, scale, for_backward):
-    _, B, N, H, D = q.shape
+    _, B, NQ, H, D = q.shape
+    N = k.shape[2]
     m = len(order)  # passes (a permutation of the dims; fewer for one pass of a sub-problem)
     keep = for_backward
     return (
-        q.new_empty((B, N, H, D)),
+        q.new_empty((B, NQ, H, D)),
         q.new_empty((m - 1, B, N, H, D) if keep else (0,)),
-        q.new_empty((m, B, N, H, D) if keep and gate is not None else (0,)),
-        q.new_empty((m, B * H, N) if keep else (0,), dtype=torch.float32),
+        q.new_empty((m, B, NQ, H, D) if keep and gate is not None else (0,)),
+        q.new_empty((m, B * H, NQ) if keep else (0,), dtype=torch.float32),
     )
 
 
@@ -306,6 +320,9 @@ def tensorized_attn_triton(q, k, v, shape, *, causal, mode, order, gate, sinks, 
     )
     if positions is None:
         qs, ks, sink_q, sink_k = q[None], k[None], None, None
+    elif q.shape[1] != k.shape[1]:
+        raise ValueError("tensor positions need q and k of the same positions; rotate q and k at their fiber "
+                         "indices first when q holds only the last positions")
     else:
         qs, ks, sink_q, sink_k = _rotated_per_pass(q, k, shape, order, sinks, positions)
     out, *_ = triton_fwd(
