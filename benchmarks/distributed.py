@@ -31,8 +31,11 @@ import torch
 import torch.distributed as dist
 
 from tensorized_attention import tensorized_attn
-from tensorized_attention.distributed import (balanced_lengths, plan_sequence_parallel,
-                                              sequence_parallel_tensorized_attn)
+from tensorized_attention.distributed import (
+    balanced_lengths,
+    plan_sequence_parallel,
+    sequence_parallel_tensorized_attn,
+)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -101,9 +104,12 @@ class Timer:
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
         ms = torch.tensor([statistics.median(times)], dtype=torch.float64, device=self.device)
+        self.per_rank = [ms.item()]
         if self.group is not False:
-            dist.all_reduce(ms, op=dist.ReduceOp.MAX)
-        return ms.item()
+            every = [torch.zeros_like(ms) for _ in range(dist.get_world_size())]
+            dist.all_gather(every, ms)
+            self.per_rank = [x.item() for x in every]
+        return max(self.per_rank)
 
     def _barrier(self):
         if self.group is not False:
@@ -149,6 +155,7 @@ def measure(fn, inputs, grad, args, device, timer) -> dict:
     for name, call in (("forward", forward), ("forward_backward", forward_backward)):
         reset_memory(device)
         row[f"{name}_ms"] = timer(call, args.iters)
+        row[f"{name}_ms_per_rank"] = timer.per_rank
         row[f"{name}_peak_bytes"] = peak_memory(device) if timer.group is not False else _own_peak(device)
     return row
 

@@ -196,7 +196,7 @@ def test_balanced_lengths_share_the_work(shape, N, world, mode, causal):
     assert sum(lengths) == N and min(lengths) >= 1 and len(lengths) == world
     work = sum(pass_mask(N, shape, dim, mode=mode, causal=causal).sum(1) for dim in range(len(shape))).double()
     bounds = torch.tensor([0] + lengths).cumsum(0)
-    shares = [work[a:b].sum().item() for a, b in zip(bounds[:-1], bounds[1:])]
+    shares = [work[a:b].sum().item() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     assert max(abs(x - work.sum().item() / world) for x in shares) <= 2 * work.max().item()
     if causal and mode == "complete":  # later positions read more keys: earlier slices are longer
         assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
@@ -272,3 +272,26 @@ def test_benchmark_runs_on_cpu(tmp_path):
         for part in ("parallel", "single"):
             assert row[part]["forward_ms"] > 0 and row[part]["forward_backward_ms"] > 0
     assert "context_parallel_sdpa" in result["rows"][0] and "context_parallel_sdpa" not in result["rows"][1]
+
+
+def test_transfer_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/transfer.py under torchrun, 2 CPU ranks (gloo): a time for each way of
+    sending a halo."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists() and shutil.which("torchrun") is None:
+        pytest.skip("torchrun not found")
+    out = tmp_path / "transfer.json"
+    script = Path(__file__).parents[1] / "benchmarks" / "transfer.py"
+    cmd = [str(torchrun if torchrun.exists() else shutil.which("torchrun")), "--standalone", "--nproc-per-node", "2",
+           str(script), "--device", "cpu", "--mib", "0.25", "--iters", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"batch_isend_irecv", "broadcast in a pair group", "all_to_all_single"}
+    assert all(r["ms"] > 0 and r["gb_per_s"] > 0 for r in rows.values())

@@ -86,11 +86,10 @@ def balanced_lengths(seqlen: int, world_size: int, shape: Sequence[int] | None =
                      order: Sequence[int] | None = None, causal: bool = True) -> list[int]:
     """Slice lengths (in rank order, each at least 1) that give every rank the same share of
     the passes' work: the keys its queries read, summed over the passes (a halo's keys are
-    read by the receiving rank's queries alone). Causal passes read more keys late in the
-    sequence (a complete pass reads ``min(n, p // s + 1)`` keys at position p), so equal
-    slices leave the last rank the most work; these lengths give the first ranks longer
-    slices instead. Pass them as the ranks' slices to
-    :func:`sequence_parallel_tensorized_attn`."""
+    read by the receiving rank's queries alone). Causal passes read more keys late in the sequence (a complete pass reads
+    ``min(n, p // s + 1)`` keys at position p), so equal slices leave the last rank the most
+    work; these lengths give the first ranks longer slices instead. Pass them as the ranks'
+    slices to :func:`sequence_parallel_tensorized_attn`."""
     from .ops.dispatch import _check_order
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -118,7 +117,7 @@ def balanced_lengths(seqlen: int, world_size: int, shape: Sequence[int] | None =
     for r, cut in enumerate(cuts):  # each rank keeps at least one position
         bounds.append(min(max(cut + 1, bounds[-1] + 1), seqlen - (world_size - 1 - r)))
     bounds.append(seqlen)
-    return [b - a for a, b in zip(bounds, bounds[1:])]
+    return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def _count_residues(x: int, s: int, a: int, b: int) -> int:
@@ -157,9 +156,9 @@ def plan_sequence_parallel(
        mode) every ``o_r`` is a multiple of ``n * s``.
     2. Causal passes otherwise need ``h_r`` positions before ``o_r``: ``min(o_r, (n - 1) s)``
        (complete) or ``o_r mod (n s)`` (block). When every ``h_r`` is at most the previous
-       slice's length (and, with ``max_halo``, at most ``max_halo`` times its own: a rank
-       computes its halo's queries too, so its work and memory in the pass grow by
-       ``h_r / len_r``), the halo moves ``h_r`` rows of k and of the pass's input values; it
+       slice's length (and, with ``max_halo``, at most ``max_halo`` times its own: the
+       halo's keys and values take memory, and on the reference backend a rank computes its
+       halo's queries too), the halo moves ``h_r`` rows of k and of the pass's input values; it
        is chosen when that is fewer bytes, summed over ranks, than the all-to-all.
     3. Otherwise ``"all_to_all"``: block passes with at least ``world_size`` fibers' chunks
        give each rank whole chunks (``"ranges"``, boundaries rounded from the slices'),
@@ -283,41 +282,55 @@ class _Broadcast(torch.autograd.Function):
 
 
 class _Halo(torch.autograd.Function):
-    """Each rank sends its last ``send`` rows (dim 1) to the next rank and receives the
-    previous rank's last ``recv`` rows; the backward sends the gradients of what was received
-    back and adds what comes back to the rows that were sent."""
+    """Each rank sends ``x [B, send, F]`` (its last rows) to the next rank and receives the
+    previous rank's last ``recv`` rows; the backward sends the gradients of what was
+    received back, which become the gradient of x."""
 
     @staticmethod
-    def forward(ctx, x, send, recv, group):
-        ctx.group, ctx.send, ctx.recv, ctx.length = group, send, recv, x.shape[1]
-        B, L, Fd = x.shape
-        out = x.new_empty((B, recv, Fd))
-        _exchange(group, out if recv else None, x[:, L - send:].contiguous() if send else None, forward=True)
+    def forward(ctx, x, recv, group):
+        ctx.group, ctx.send = group, x.shape[1]
+        out = x.new_empty((x.shape[0], recv, x.shape[2]))
+        _exchange(group, out if recv else None, x if ctx.send else None, forward=True)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        B, _, Fd = grad.shape
-        back = grad.new_empty((B, ctx.send, Fd))
-        _exchange(ctx.group, back if ctx.send else None, grad.contiguous() if ctx.recv else None, forward=False)
-        grad_x = grad.new_zeros((B, ctx.length, Fd))
-        if ctx.send:
-            grad_x[:, ctx.length - ctx.send:] = back
-        return grad_x, None, None, None
+        back = grad.new_empty((grad.shape[0], ctx.send, grad.shape[2]))
+        _exchange(ctx.group, back if ctx.send else None, grad if grad.shape[1] else None, forward=False)
+        return back, None, None
+
+
+_PENDING_SENDS: list = []  # this rank's forward halo sends in flight: waited for at the end of the call
 
 
 def _exchange(group, recv_buffer, send_tensor, *, forward: bool) -> None:
-    """Point-to-point between neighbours: forward, send to the next rank and receive from the
-    previous; backward, the other way."""
+    """Point to point between neighbours: forward, send to the next rank and receive from
+    the previous; backward, the other way. A rank that only sends in the forward does not
+    wait for it here: its computation goes on while the rows travel, and
+    :func:`_finish_sends` waits at the end of the call."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     to, frm = (rank + 1, rank - 1) if forward else (rank - 1, rank + 1)
     ops = []
     if send_tensor is not None and 0 <= to < world:
+        send_tensor = send_tensor.contiguous()
         ops.append(dist.P2POp(dist.isend, send_tensor, dist.get_global_rank(group, to), group))
     if recv_buffer is not None and 0 <= frm < world:
         ops.append(dist.P2POp(dist.irecv, recv_buffer, dist.get_global_rank(group, frm), group))
-    if ops:
-        for request in dist.batch_isend_irecv(ops):
+    if not ops:
+        return
+    requests = dist.batch_isend_irecv(ops)
+    if forward and len(ops) == 1 and ops[0].op is dist.isend:
+        _PENDING_SENDS.append((requests, send_tensor))
+        return
+    for request in requests:
+        request.wait()
+
+
+def _finish_sends() -> None:
+    """Wait for this rank's forward halo sends (its stream waits; its computation is queued by now)."""
+    while _PENDING_SENDS:
+        requests, _ = _PENDING_SENDS.pop()
+        for request in requests:
             request.wait()
 
 
@@ -476,6 +489,7 @@ def sequence_parallel_tensorized_attn(
             values = _regrouped_pass(run, t, step, entry, q, k, values, sink_k, sink_v)
         else:
             values = _halo_pass(run, t, step, entry, q, k, values, sink_k, sink_v)
+    _finish_sends()
     return values.to(q.dtype)
 
 
@@ -556,26 +570,17 @@ def _short(x) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _pack(*xs: torch.Tensor) -> torch.Tensor:
-    """[B, L, heads_i, D] tensors -> [B, L, sum(heads_i) * D]."""
-    return torch.cat([x.flatten(2) for x in xs], dim=-1)
-
-
-def _unpack(x: torch.Tensor, heads: Sequence[int], D: int) -> list[torch.Tensor]:
-    B, L, _ = x.shape
-    return [y.reshape(B, L, h, D) for y, h in zip(x.split([h * D for h in heads], dim=-1), heads, strict=True)]
-
-
 def _halo_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, sink_v):
     """A local pass, with the previous rank's last keys and values when it is a halo pass."""
-    B, L, H, D = q.shape
-    Hkv, Hv = k.shape[2], values.shape[2]
+    L = q.shape[1]
     h = entry.halo[run.rank]
     if entry.kind == "halo":
         nxt = entry.halo[run.rank + 1] if run.rank + 1 < run.world else 0
-        got = _Halo.apply(_pack(k, values), nxt, h, run.group)
-        hk, hv = _unpack(got, (Hkv, Hv), D)
-        k_l, v_l = torch.cat([hk, k], dim=1), torch.cat([hv, values], dim=1)
+        sent = torch.cat([x[:, L - nxt:].flatten(2) for x in (k, values)], dim=-1)  # only the rows sent
+        got = _Halo.apply(sent, h, run.group)
+        hk, hv = got.split([math.prod(k.shape[2:]), math.prod(values.shape[2:])], dim=-1)
+        k_l = torch.cat([hk.unflatten(2, k.shape[2:]), k], dim=1)
+        v_l = torch.cat([hv.unflatten(2, values.shape[2:]), values], dim=1)
     else:
         k_l, v_l = k, values
     start = run.offsets[run.rank] - h
@@ -671,7 +676,7 @@ def _local_pass(run: _Run, t, step, layout_stride, q_l, k_l, v_l, slots, real, s
         out = tensorized_attn_triton(q_in, k_in, v_l[:, :real], local_shape, causal=run.causal,
                                      mode=run.mode, order=(1,), gate=None if gate is None else gate[:, None],
                                      sinks=0, softmax_scale=run.scale, positions=positions)
-        return F.pad(out, (0, 0, 0, 0, 0, P - real))
+        return out if P == real else F.pad(out, (0, 0, 0, 0, 0, P - real))
     from .ops.reference import fold_pass_reference
 
     extra = -P % whole
