@@ -1,6 +1,6 @@
-"""Cached decoding with one Triton kernel per pass (ops/triton/decode.py) against one forward
-over the whole sequence and against the PyTorch decoding path; under Triton's interpreter
-without a GPU."""
+"""Cached decoding on Triton (the prefill on the pass kernels, then one kernel per pass and
+token: ops/triton/decode.py) against one forward over the whole sequence and against the
+PyTorch decoding path; under Triton's interpreter without a GPU."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from transformers import DynamicCache  # noqa: E402
 
 from tensorized_attention import hf  # noqa: E402
 from tensorized_attention.hf import attention as hf_attention  # noqa: E402
+from tensorized_attention.ops import triton as triton_ops  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -24,6 +25,7 @@ OPTIONS = [
     {"shape": [None, 4], "mode": "complete", "positions": "sequence", "sinks": 1},
     {"shape": [None, 3, 2], "mode": "complete", "order": [2, 0, 1], "sinks": 2, "gate": [0.3, 0.5, None]},
     {"shape": [None, 8], "mode": "complete", "sinks": 4, "gate": [0.5, None]},
+    {"shape": [None, 4], "mode": "complete", "positions": "tensor", "sinks": 2, "gate": [0.6, None]},
 ]
 
 
@@ -56,11 +58,15 @@ def test_decoding_kernel_equals_one_forward_and_the_pytorch_path(monkeypatch, op
         monkeypatch.setattr(hf_attention, "DECODE_KERNEL", False)
         by_torch, _ = _decoded(model, ids, prefill)
         monkeypatch.setattr(hf_attention, "DECODE_KERNEL", True)
-        calls = []
+        calls, prefills = [], []
         real = hf_attention._decode_pass_triton
         monkeypatch.setattr(hf_attention, "_decode_pass_triton", lambda *a: calls.append(1) or real(*a))
+        real_passes = triton_ops.tensorized_attn_triton
+        monkeypatch.setattr(triton_ops, "tensorized_attn_triton",
+                            lambda *a, **kw: prefills.append(kw.get("return_values")) or real_passes(*a, **kw))
         by_kernel, cache = _decoded(model, ids, prefill)
     assert calls, "the kernel path did not run"
+    assert prefills and all(prefills), "the prefill did not fill the decoding state on the Triton passes"
     torch.testing.assert_close(by_kernel, full, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(by_kernel, by_torch, rtol=1e-4, atol=1e-4)
     assert hf.decode_state(cache, 0).length == ids.shape[1]

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fold import strides
-from ..ops.dispatch import tensorized_attn
+from ..ops.dispatch import TRITON_MAX_HEADDIM, tensorized_attn
 from ..ops.reference import tensorized_attn_reference
 from ..passes import PooledPass, SelectedPass
 from ..rope import TensorPositions, cos_sin, rotate, rotate_by, sink_distances
@@ -477,8 +477,14 @@ def _prefill(module, opts, query, key, value, scale, cache):
     # model's cache; key relay does not decode): the fastest backend
     if cache is None or opts["relay"] or (select is not None and not order):
         return tensorized_attn(q, k, v, shape, positions=positions, select=select, relay=opts["relay"], **kwargs)
-    out, values = tensorized_attn_reference(q, k, v, shape, positions=positions, return_values=True, select=select,
-                                            **{**kwargs, "order": tuple(order)})
+    if select is None and _decode_kernel_applies(query, opts["sinks"]) and query.shape[-1] <= TRITON_MAX_HEADDIM:
+        from ..ops.triton import tensorized_attn_triton
+
+        out, values = tensorized_attn_triton(q, k, v, shape, positions=positions, return_values=True,
+                                             **{**kwargs, "order": tuple(order)})
+    else:
+        out, values = tensorized_attn_reference(q, k, v, shape, positions=positions, return_values=True,
+                                                select=select, **{**kwargs, "order": tuple(order)})
     values = [x.transpose(1, 2) for x in values]  # [B, H, N, D]
     last_fold = values.pop().contiguous() if select is not None else None  # the last pass's input
     st = strides(shape)
@@ -571,8 +577,9 @@ class _DecodePass:
     p: int
 
 
-# Whether cached decoding runs each pass as one Triton kernel: "auto" on CUDA devices; True
-# also on the CPU under Triton's interpreter (for tests); False never.
+# Whether cached decoding runs on Triton (the prefill that fills the decoding state on the
+# pass kernels, each decoded token's pass as one kernel): "auto" on CUDA devices; True also
+# on the CPU under Triton's interpreter (for tests); False never.
 DECODE_KERNEL: bool | str = "auto"
 
 

@@ -308,9 +308,11 @@ def _backward(ctx, dout, _dvalues, _dattn, _dlse):
 triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def tensorized_attn_triton(q, k, v, shape, *, causal, mode, order, gate, sinks, softmax_scale, positions=None):
+def tensorized_attn_triton(q, k, v, shape, *, causal, mode, order, gate, sinks, softmax_scale, positions=None,
+                           return_values=False):
     """The Triton backend behind :func:`tensorized_attention.tensorized_attn`
-    (inputs validated there)."""
+    (inputs validated there). ``return_values``: also the outputs of every pass but the
+    last, each [B, N, H, D] (what cached decoding keeps)."""
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
     if gate is not None:
@@ -325,11 +327,11 @@ def tensorized_attn_triton(q, k, v, shape, *, causal, mode, order, gate, sinks, 
                          "indices first when q holds only the last positions")
     else:
         qs, ks, sink_q, sink_k = _rotated_per_pass(q, k, shape, order, sinks, positions)
-    out, *_ = triton_fwd(
+    out, values, *_ = triton_fwd(
         qs, ks, v, gate, sink_q, sink_k, list(shape), list(order), causal, mode == "complete", sinks,
-        float(softmax_scale), needs_grad,
+        float(softmax_scale), needs_grad or return_values,
     )
-    return out
+    return (out, list(values.unbind(0))) if return_values else out
 
 
 def _rotated_per_pass(q, k, shape, order, sinks, positions):
