@@ -444,3 +444,41 @@ def test_cli_errors(checkpoint, tmp_path, capsys, args, message):
     assert "tensorized-attention passkey: error: " in err
     assert re.search(message, err)
     assert not (tmp_path / "out").exists()
+
+
+def _probe_ranking_script():
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "probe_ranking.py")
+    spec = importlib.util.spec_from_file_location("probe_ranking", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_probe_ranking_block_scores():
+    """The max score is the block's best q . k; the bound is never below it; the mean is
+    q . mean(k)."""
+    script = _probe_ranking_script()
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 8), torch.randn(2, 5, 4, 8)  # [Hkv, G, D], [Hkv, blocks, block, D]
+    exact = torch.einsum("hgd,hnwd->hgnw", q, k).amax(-1)
+    torch.testing.assert_close(script.block_scores(q, k, "max"), exact)
+    assert (script.block_scores(q, k, "bound") >= exact - 1e-5).all()
+    torch.testing.assert_close(script.block_scores(q, k, "mean"), torch.einsum("hgd,hnd->hgn", q, k.mean(2)))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        script.block_scores(q, k, "median")
+
+
+def test_probe_ranking_on_the_tiny_checkpoint(checkpoint, tmp_path):
+    """benchmarks/probe_ranking.py: a row per prompt (5 depths), each score's share of the
+    (layer, head)s that rank the asked needle's block in their top k, and a summary."""
+    out = tmp_path / "probe.json"
+    result = _probe_ranking_script().main(["--model", str(checkpoint), "--lengths", "1024", "--trials", "1",
+                                           "--keys", "2", "--block", "64", "--topk", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["summary"] == result["summary"]
+    rows = result["rows"]
+    assert [r["depth"] for r in rows] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    scored = [r for r in rows if "mean" in r]
+    assert scored and all(0.0 <= r[kind] <= 1.0 for r in scored for kind in ("mean", "max", "bound"))
+    assert result["summary"]["1024"]["prompts"] == len(scored)
