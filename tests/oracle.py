@@ -85,7 +85,8 @@ def content_pass_oracle(step, q64, k64, vals, sinks, scale, *, freqs=None, gate=
     """The selected pass (``step.topk``) or the pooled pass (no ``topk``)."""
     if getattr(step, "topk", None) is None:
         return pooled_pass_oracle(q64, k64, vals, step.block, sinks, scale, freqs=freqs, gate=gate)
-    return selected_pass_oracle(q64, k64, vals, step.block, step.topk, sinks, scale, freqs=freqs, gate=gate)
+    return selected_pass_oracle(q64, k64, vals, step.block, step.topk, sinks, scale, freqs=freqs, gate=gate,
+                                score=step.score)
 
 
 def pooled_pass_oracle(q64, k64, vals, block, sinks, scale, *, freqs=None, gate=None):
@@ -120,19 +121,28 @@ def pooled_pass_oracle(q64, k64, vals, block, sinks, scale, *, freqs=None, gate=
     return torch.stack(rows).reshape(B, H, N, D)
 
 
-def selected_pass_oracle(q64, k64, vals, block, topk, sinks, scale, *, freqs=None, gate=None):
+def _block_score(q, keys, score):
+    """A block's score against query q (SelectedPass's docstring), before the softmax scale:
+    q . mean(keys), or the sum over channels of max(q_d max_d, q_d min_d)."""
+    if score == "mean":
+        return (q @ keys.mean(0)).item()
+    return torch.maximum(q * keys.amax(0), q * keys.amin(0)).sum().item()
+
+
+def selected_pass_oracle(q64, k64, vals, block, topk, sinks, scale, *, freqs=None, gate=None, score="mean"):
     """The selected pass (SelectedPass's docstring), one query at a time, from the spec:
     q64, k64 [B, H, N, D] float64 content (k per query head); vals [B, H, N, D]; freqs:
-    rotary frequencies (float64) or None; gate [H] or None. Returns [B, H, N, D]."""
+    rotary frequencies (float64) or None; gate [H] or None; score: how blocks rank.
+    Returns [B, H, N, D]."""
     B, H, N, D = q64.shape
     W = block
     rows = []
     for b in range(B):
         for h in range(H):
-            means = [k64[b, h, i * W:(i + 1) * W].mean(0) for i in range(N // W)]
             for p in range(N):
                 c = p // W
-                ranked = sorted(range(c), key=lambda i: (-(scale * q64[b, h, p] @ means[i]).item(), -i))
+                scores = [scale * _block_score(q64[b, h, p], k64[b, h, i * W:(i + 1) * W], score) for i in range(c)]
+                ranked = sorted(range(c), key=lambda i: (-scores[i], -i))
                 chosen = sorted(ranked[:topk])
                 r = len(chosen)
                 dist = {}  # key position -> distance at which the query sees it

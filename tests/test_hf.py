@@ -46,6 +46,7 @@ DECODABLE = [o for o in OPTIONS if not o.get("relay")] + [
     {"shape": [None, 4], "mode": "complete", "order": [], "sinks": 2, "select": {"block": 4, "topk": 2}},
     {"shape": [None, 4], "mode": "complete", "order": [], "sinks": 1, "gate": [0.3], "pool": {"block": 4}},
     {"shape": [None, 4], "mode": "complete", "order": [], "positions": "sequence", "select": {"block": 4, "topk": 1}},
+    {"shape": [None, 4], "mode": "complete", "order": [], "sinks": 1, "select": {"block": 4, "topk": 2, "score": "bound"}},
 ]
 
 
@@ -272,6 +273,8 @@ def test_bad_options_are_refused():
         hf.enable(model, {"shape": [None, 4], "gate": [0.5, None], "select": {"block": 4, "topk": 1}})
     with pytest.raises(ValueError, match=r"\['select'\] must be None or \{'block': W, 'topk': k\}"):
         hf.enable(model, {"shape": [None, 4], "select": {"block": 4, "topk": 0}})
+    with pytest.raises(ValueError, match=r"optionally 'score': one of \('mean', 'bound'\)"):
+        hf.enable(model, {"shape": [None, 4], "select": {"block": 4, "topk": 1, "score": "max"}})
     with pytest.raises(ValueError, match="needs a 'select' or 'pool' pass"):
         hf.enable(model, {"shape": [None, 4], "order": []})
     with pytest.raises(ValueError, match="two kinds of last pass"):

@@ -36,9 +36,10 @@ class Case:
     headdim: int = 8
     positions: str | None = None  # None, "raw" (scaled 1.25) or "rotated" (as a Hugging Face layer gives them)
     pooled: bool = False  # a PooledPass(block) instead of SelectedPass(block, topk)
+    score: str = "mean"  # the SelectedPass's block score
 
     def __str__(self):
-        kind = f"pool{self.block}" if self.pooled else f"W{self.block}k{self.topk}"
+        kind = f"pool{self.block}" if self.pooled else f"W{self.block}k{self.topk}-{self.score}"
         return (f"{self.shape}-N{self.seqlen}-{kind}-{'fold' if self.fold_passes else 'alone'}"
                 f"-S{self.sinks}{'-gate' if self.gate else ''}-H{self.heads}/{self.kv_heads}-{self.positions}")
 
@@ -57,6 +58,10 @@ CASES = [
     Case((10, 4), 37, 4, 0, sinks=3, gate=True, heads=3, kv_heads=1, pooled=True),
     Case((7, 5), 33, 5, 0, fold_passes=False, sinks=6, positions="raw", pooled=True),
     Case((6, 6), 36, 6, 0, fold_passes=False, sinks=2, gate=True, positions="rotated", pooled=True),
+    # ranked by the channel-wise bound of each block's keys
+    Case((10, 4), 37, 4, 2, sinks=3, gate=True, score="bound"),
+    Case((7, 5), 33, 5, 3, fold_passes=False, heads=3, kv_heads=1, gate=True, score="bound"),
+    Case((10, 4), 39, 4, 3, fold_passes=False, sinks=2, positions="rotated", score="bound"),
 ]
 
 
@@ -85,7 +90,7 @@ def make_inputs(case: Case, dtype=torch.float64, requires_grad=False, seed=0):
     if gate is not None:
         gate.requires_grad_(requires_grad)
     kwargs = dict(order=None if case.fold_passes else (), sinks=case.sinks, gate=gate,
-                  select=PooledPass(case.block) if case.pooled else SelectedPass(case.block, case.topk))
+                  select=PooledPass(case.block) if case.pooled else SelectedPass(case.block, case.topk, case.score))
     return q, k, v, kwargs, positions
 
 
@@ -170,9 +175,45 @@ def test_far_block_that_matches_the_query_is_read():
     assert out[0, -1, 0, 1] > 0.99
 
 
+def test_bound_score_finds_a_needle_that_the_mean_dilutes():
+    """One key aligned with the query in a block of filler (block 1) against a block whose
+    every key leans slightly toward the query (block 4): the mean ranks block 4 first, the
+    bound block 1; the output then reads the needle's value only with the bound."""
+    N, W, D = 512, 64, 16
+    g = torch.Generator().manual_seed(2)
+    q = torch.zeros(1, N, 1, D, dtype=torch.float64)
+    k = torch.randn(1, N, 1, D, generator=g, dtype=torch.float64) * 0.1
+    k[0, :, 0, 0] = -0.5  # filler leans away from the query
+    v = torch.zeros(1, N, 1, D, dtype=torch.float64)
+    q[0, -1, 0, 0] = 1.0
+    k[0, 4 * W:5 * W, 0, 0] = 0.5  # block 4: every key mildly aligned
+    k[0, 1 * W + 10, 0, 0] = 8.0  # block 1: one key strongly aligned (the needle)
+    v[0, 1 * W + 10, 0, 1] = 1.0
+    outs = {score: tensorized_attn(q, k, v, (8, 64), order=(), select=SelectedPass(W, 1, score), softmax_scale=1.0)
+            for score in ("mean", "bound")}
+    assert outs["mean"][0, -1, 0, 1] < 0.01
+    assert outs["bound"][0, -1, 0, 1] > 0.9
+
+
+def test_bound_score_runs_on_the_reference_backend():
+    """The Triton kernels rank by the mean only: "auto" picks the reference for the bound,
+    and "triton" says so."""
+    q, k, v = torch.randn(3, 1, 64, 2, 16).unbind(0)
+    sel = SelectedPass(16, 2, "bound")
+    ref = tensorized_attn(q, k, v, (4, 16), order=(), select=sel, backend="reference")
+    torch.testing.assert_close(tensorized_attn(q, k, v, (4, 16), order=(), select=sel), ref)
+    from tensorized_attention.ops.dispatch import _choose_backend, _reference_only, available_backends
+
+    assert _reference_only(sel, False, q) == "SelectedPass(score='bound')"
+    if "triton" in available_backends(q.device):
+        with pytest.raises(ValueError, match="has no \"SelectedPass\\(score='bound'\\)\""):
+            _choose_backend("triton", q, _reference_only(sel, False, q))
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
+        (lambda: SelectedPass(4, 2, "median"), "score must be one of"),
         (lambda: SelectedPass(0, 2), "block must be an int >= 1"),
         (lambda: SelectedPass(4, 0), "topk must be an int >= 1"),
         (lambda: SelectedPass(4.0, 2), "block must be an int >= 1"),

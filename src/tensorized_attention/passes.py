@@ -58,9 +58,13 @@ class SelectedPass:
 
     * its window: the keys ``p'`` with ``0 <= p - p' < block``;
     * its selected blocks: the candidates are the blocks ``b < c`` (all whole and before
-      ``p``'s block); block ``b`` scores ``softmax_scale * q_p . mean(k over block b)``,
-      with q and k unrotated (content alone); the query selects the ``r = min(topk, c)``
-      best (of equal scores, the later block) and reads their tokens not in its window;
+      ``p``'s block); block ``b`` scores, with q and k unrotated (content alone),
+      ``score="mean"``: ``softmax_scale * q_p . mean(k over block b)``, or
+      ``score="bound"``: ``softmax_scale * sum_d max(q_pd kmax_bd, q_pd kmin_bd)``, with
+      ``kmax_b``, ``kmin_b`` the channel-wise max and min of the block's keys (an upper
+      bound of the block's best ``q . k``, which filler does not dilute);
+      the query selects the ``r = min(topk, c)`` best (of equal scores, the later block)
+      and reads their tokens not in its window;
     * the sinks ``0 .. S-1`` (``<= p``) in neither.
 
     The ranking has no gradient (the choice of blocks is discrete); the attention over what
@@ -76,12 +80,18 @@ class SelectedPass:
 
     block: int
     topk: int
+    score: str = "mean"
 
     def __post_init__(self):
         for name in ("block", "topk"):
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, int) or x < 1:
                 raise ValueError(f"SelectedPass.{name} must be an int >= 1, got {x!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"SelectedPass.score must be one of {SCORES}, got {self.score!r}")
+
+
+SCORES = ("mean", "bound")  # how a SelectedPass ranks blocks
 
 
 @dataclass(frozen=True)

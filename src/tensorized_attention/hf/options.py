@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from ..fold import check_shape, choose_shape
+from ..passes import SCORES
 
 __all__ = ["DEFAULTS", "PRESETS", "options_of", "resolve_fold", "window_options"]
 
@@ -24,8 +25,9 @@ DEFAULTS: dict[str, Any] = {
     # exactly 1 (fixed: the pass is off, its input goes through unchanged)
     "gate": None,
     "sinks": 0,
-    # None, or {"block": W, "topk": k}: a selected pass (passes.SelectedPass) after the fold
-    # passes; with "order": [] it runs alone (window + selected blocks + sinks)
+    # None, or {"block": W, "topk": k} (and optionally "score": "mean" or "bound"): a selected
+    # pass (passes.SelectedPass) after the fold passes; with "order": [] it runs alone
+    # (window + selected blocks + sinks)
     "select": None,
     # None, or {"block": W}: a pooled pass (passes.PooledPass) instead (one summary per block)
     "pool": None,
@@ -101,10 +103,11 @@ def options_of(config) -> dict[str, Any]:
         raise ValueError(f"config.tensorized_attention['mode'] must be 'block' or 'complete', got {opts['mode']!r}")
     select = opts["select"]
     if select is not None:
-        if not isinstance(select, dict) or set(select) != {"block", "topk"} or any(
-                isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in select.values()):
+        if not isinstance(select, dict) or not {"block", "topk"} <= set(select) <= {"block", "topk", "score"} or any(
+                isinstance(select[x], bool) or not isinstance(select[x], int) or select[x] < 1
+                for x in ("block", "topk")) or select.get("score", "mean") not in SCORES:
             raise ValueError("config.tensorized_attention['select'] must be None or {'block': W, 'topk': k} "
-                             f"with ints W, k >= 1, got {select!r}")
+                             f"with ints W, k >= 1 (and optionally 'score': one of {SCORES}), got {select!r}")
     pool = opts["pool"]
     if pool is not None:
         if not isinstance(pool, dict) or set(pool) != {"block"} or isinstance(pool["block"], bool) or not isinstance(

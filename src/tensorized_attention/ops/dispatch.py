@@ -146,8 +146,8 @@ def tensorized_attn(
             summary (mean key, mean value) of every earlier block, and the sinks. ``block``
             must divide ``prod(shape)`` when fold passes run. The Triton backend (``"auto"`` on
             CUDA) runs the selected pass, forward and backward, for a block that is a multiple
-            of 16 and an even headdim (else "auto" picks the reference); the pooled pass is
-            reference only.
+            of 16, an even headdim and the ``"mean"`` score (else "auto" picks the reference);
+            the pooled pass is reference only.
         relay: key relay (DESIGN.md §8): each fold pass mixes the keys with the weights it
             mixes the values with, ``K_t = g K_{t-1} + (1 - g) A_t K_{t-1}`` (``K_0 = k``), and
             pass t scores q against ``K_{t-1}`` (rotated at its tensor positions), so a relay
@@ -219,6 +219,8 @@ def _reference_only(select, relay, q) -> str | None:
     if isinstance(select, SelectedPass):
         if select.block % 16 or q.shape[-1] % 2:
             return "SelectedPass with a block that is not a multiple of 16 or an odd headdim"
+        if select.score != "mean":
+            return f"SelectedPass(score={select.score!r})"
     return None
 
 

@@ -294,19 +294,44 @@ def block_means(k: torch.Tensor, block: int) -> torch.Tensor:
         return k[:, :, 0, : n_blocks * block].to(acc).reshape(B, Hkv, n_blocks, block, D).mean(-2)
 
 
-def select_blocks(q: torch.Tensor, means: torch.Tensor, positions: torch.Tensor, block: int, topk: int,
+def block_bounds(k: torch.Tensor, block: int) -> torch.Tensor:
+    """The channel-wise max and min key of every whole block of ``k [B, Hkv, 1, N, D]``:
+    ``[B, Hkv, n_blocks, 2, D]`` in float32 (float64 for float64 keys); what the selected
+    pass with ``score="bound"`` ranks blocks by."""
+    B, Hkv, _, N, D = k.shape
+    n_blocks = N // block
+    acc = torch.promote_types(k.dtype, torch.float32)
+    with torch.no_grad():
+        x = k[:, :, 0, : n_blocks * block].to(acc).reshape(B, Hkv, n_blocks, block, D)
+        return torch.stack([x.amax(-2), x.amin(-2)], dim=-2)
+
+
+def block_summaries(k: torch.Tensor, step: SelectedPass) -> torch.Tensor:
+    """What ``step`` ranks the blocks of ``k [B, Hkv, 1, N, D]`` by: their mean keys
+    (:func:`block_means`) or their channel-wise bounds (:func:`block_bounds`)."""
+    return block_bounds(k, step.block) if step.score == "bound" else block_means(k, step.block)
+
+
+def select_blocks(q: torch.Tensor, summaries: torch.Tensor, positions: torch.Tensor, block: int, topk: int,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The blocks each query selects (SelectedPass): q ``[B, Hkv, G, Q, D]`` (content, at
-    ``positions [Q]``), the blocks' mean keys ``[B, Hkv, n_blocks, D]`` (:func:`block_means`).
-    Returns the selected block indices in increasing order ``[B, Hkv, G, Q, r_max]`` and how
-    many each query has, ``[Q]`` (slots ``>= r`` hold an index past the last block)."""
-    n_blocks = means.shape[-2]
+    ``positions [Q]``) against the blocks' mean keys ``[B, Hkv, n_blocks, D]``
+    (:func:`block_means`) or channel-wise bounds ``[B, Hkv, n_blocks, 2, D]``
+    (:func:`block_bounds`). Returns the selected block indices in increasing order
+    ``[B, Hkv, G, Q, r_max]`` and how many each query has, ``[Q]`` (slots ``>= r`` hold an
+    index past the last block)."""
+    n_blocks = summaries.shape[2]
     r_max = min(topk, n_blocks)
     count = torch.clamp(torch.div(positions, block, rounding_mode="floor"), max=r_max)
     if r_max == 0:
         return positions.new_zeros((*q.shape[:-1], 0)), count
     with torch.no_grad():
-        scores = torch.einsum("bhgqd,bhnd->bhgqn", q.to(means.dtype), means) * scale
+        q = q.to(summaries.dtype)
+        if summaries.ndim == 4:  # mean keys
+            scores = torch.einsum("bhgqd,bhnd->bhgqn", q, summaries) * scale
+        else:  # per channel, the larger of q_d max_d and q_d min_d
+            scores = (torch.einsum("bhgqd,bhnd->bhgqn", q.clamp(min=0), summaries[..., 0, :])
+                      + torch.einsum("bhgqd,bhnd->bhgqn", q.clamp(max=0), summaries[..., 1, :])) * scale
         own = torch.div(positions, block, rounding_mode="floor")
         candidate = torch.arange(n_blocks, device=q.device)[None, :] < own[:, None]  # [Q, n_blocks]
         scores = scores.masked_fill(~candidate, float("-inf"))
@@ -344,7 +369,7 @@ def _content_pass(step, q, k, values, gate, sink_count, sinks, scale, inv_freq=N
         k_sum = k[..., : n_blocks * W, :].reshape(B, Hkv, 1, n_blocks, W, D).mean(-2)
         v_sum = values[..., : n_blocks * W, :].reshape(B, Hkv, values.shape[2], n_blocks, W, D).mean(-2)
     else:
-        means = block_means(k, W)  # once: every chunk of queries ranks against them
+        summaries = block_summaries(k, step)  # once: every chunk of queries ranks against them
     outputs = []
     for start in range(0, len(query_positions), chunk):
         p = query_positions[start:start + chunk]  # [Q]
@@ -363,7 +388,7 @@ def _content_pass(step, q, k, values, gate, sink_count, sinks, scale, inv_freq=N
             x_dist, count, blocks = None, None, None
             sink_base = torch.full((Q,), W, device=device)
         else:  # the selected blocks, placed just before the window in their order
-            blocks, count = select_blocks(qc, means, p, W, step.topk, scale)  # [B, Hkv, G, Q, R], [Q]
+            blocks, count = select_blocks(qc, summaries, p, W, step.topk, scale)  # [B, Hkv, G, Q, R], [Q]
             R = blocks.shape[-1]
             slot = torch.arange(R, device=device)[:, None]
             chosen = slot < count[:, None, None]  # [Q, R, 1]
