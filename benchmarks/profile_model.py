@@ -2,13 +2,16 @@
 
     python benchmarks/profile_model.py --model llama3-8b --layers 1 --seqlen 131072 --measurement prefill
     python benchmarks/profile_model.py --model llama3.2-1b --seqlen 131072 --measurement decode --steps 4
+    python benchmarks/profile_model.py --model llama3.2-1b --seqlen 32768 --measurement decode --steps 10 --cprofile
 
 The model and the attention are those of ``tensorized-attention bench model`` (random
 weights, ``bench_model.SYSTEMS``). The call is run twice untimed, then ``--steps`` times
 under ``torch.profiler``; prints the operators and kernels by their GPU time per call, the
 wall time per call and the share of it the GPU was busy (a low share: the host is what
 waits), with ``--python`` the Python functions among them (exclusive host time), and
-writes them as JSON with ``--out``.
+writes them as JSON with ``--out``. ``--cprofile`` instead times ``--steps`` calls with no
+profiler (the wall time per call) and then runs them again under cProfile, printing the
+Python functions by their own host time: what to read when the host is what waits.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--python", action="store_true",
                    help="record Python functions too: the host-time table then names the Python code that spends it")
+    p.add_argument("--cprofile", action="store_true",
+                   help="time the calls without a profiler, then print the Python functions by host time (cProfile)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -62,6 +67,8 @@ def main(argv=None):
             call()
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         sync()
+        if args.cprofile:
+            return _cprofile(call, sync, args)
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=activities, with_stack=args.python) as prof:
             start = time.perf_counter()
@@ -94,6 +101,33 @@ def main(argv=None):
             json.dump(dict(args=vars(args), wall_ms=wall_ms, gpu_busy_ms=busy,
                            device=torch.cuda.get_device_name() if cuda else "cpu",
                            rows=rows), f, indent=1)
+
+
+def _cprofile(call, sync, args) -> dict:
+    import cProfile
+    import io
+    import pstats
+
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        call()
+    sync()
+    wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(args.steps):
+        call()
+    sync()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.top)
+    print(f"{args.model} {args.measurement} N={args.seqlen} {args.system}: {wall_ms:.2f} ms per call (no profiler)")
+    print(text.getvalue())
+    result = dict(args=vars(args), wall_ms=wall_ms, cprofile=text.getvalue())
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
 
 
 if __name__ == "__main__":

@@ -235,3 +235,16 @@ def test_profile_model_script(tmp_path, measurement):
     names = [r["name"] for r in data["rows"]]
     assert data["wall_ms"] > 0 and "aten::mm" in names
     assert any("tensorized_attention" in n for n in names)  # a Python function of the package, by --python
+
+
+def test_profile_model_script_cprofile(tmp_path):
+    """benchmarks/profile_model.py --cprofile on the CPU: the wall time of a decoding step
+    without a profiler, and the Python functions of the package by host time."""
+    spec = importlib.util.spec_from_file_location("profile_model", os.path.join(ROOT, "benchmarks", "profile_model.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "cprofile.json"
+    result = script.main(["--model", "smollm2-135m", "--layers", "1", "--seqlen", "64", "--measurement", "decode",
+                          "--device", "cpu", "--steps", "2", "--cprofile", "--out", str(out)])
+    assert result["wall_ms"] > 0 and "tensorized_attention" in result["cprofile"]
+    assert json.loads(out.read_text())["wall_ms"] == result["wall_ms"]

@@ -243,10 +243,8 @@ def test_triton_backend_under_interpreter(tmp_path, monkeypatch):
     assert kinds >= {"halo", "all_to_all"}
 
 
-def test_benchmark_runs_on_cpu(tmp_path):
-    """benchmarks/distributed.py under torchrun, 2 CPU ranks (gloo), tiny sizes: its JSON
-    holds the plan's bytes and a time for every measurement."""
-    import json
+def _torchrun(script: str, args: list[str]) -> None:
+    """benchmarks/``script`` under torchrun on 2 CPU ranks (gloo); fails with its stderr."""
     import shutil
     import subprocess
     import sys
@@ -255,14 +253,22 @@ def test_benchmark_runs_on_cpu(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.exists() and shutil.which("torchrun") is None:
         pytest.skip("torchrun not found")
-    out = tmp_path / "bench.json"
-    script = Path(__file__).parents[1] / "benchmarks" / "distributed.py"
+    path = Path(__file__).parents[1] / "benchmarks" / script
     cmd = [str(torchrun if torchrun.exists() else shutil.which("torchrun")), "--standalone", "--nproc-per-node", "2",
-           str(script), "--device", "cpu", "--min-tokens", "256", "--max-tokens", "512",
-           "--heads", "4", "--kv-heads", "2", "--headdim", "16", "--inner", "16", "--iters", "2",
-           "--cp-max-tokens", "256", "--dtype", "float32", "--out", str(out)]
+           str(path), "--device", "cpu", *args]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/distributed.py under torchrun, 2 CPU ranks (gloo), tiny sizes: its JSON
+    holds the plan's bytes and a time for every measurement."""
+    import json
+
+    out = tmp_path / "bench.json"
+    _torchrun("distributed.py", ["--min-tokens", "256", "--max-tokens", "512", "--heads", "4", "--kv-heads", "2",
+                                 "--headdim", "16", "--inner", "16", "--iters", "2", "--cp-max-tokens", "256",
+                                 "--dtype", "float32", "--out", str(out)])
     result = json.loads(out.read_text())
     assert [r["tokens"] for r in result["rows"]] == [256, 512]
     for row in result["rows"]:
@@ -278,20 +284,22 @@ def test_transfer_benchmark_runs_on_cpu(tmp_path):
     """benchmarks/transfer.py under torchrun, 2 CPU ranks (gloo): a time for each way of
     sending a halo."""
     import json
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists() and shutil.which("torchrun") is None:
-        pytest.skip("torchrun not found")
     out = tmp_path / "transfer.json"
-    script = Path(__file__).parents[1] / "benchmarks" / "transfer.py"
-    cmd = [str(torchrun if torchrun.exists() else shutil.which("torchrun")), "--standalone", "--nproc-per-node", "2",
-           str(script), "--device", "cpu", "--mib", "0.25", "--iters", "1", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _torchrun("transfer.py", ["--mib", "0.25", "--iters", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert set(rows) == {"batch_isend_irecv", "broadcast in a pair group", "all_to_all_single"}
     assert all(r["ms"] > 0 and r["gb_per_s"] > 0 for r in rows.values())
+
+
+def test_profile_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/profile_distributed.py under torchrun, 2 CPU ranks (gloo): each rank's
+    time and costliest operators, and the plain operator's on rank 0."""
+    import json
+
+    out = tmp_path / "profile.json"
+    _torchrun("profile_distributed.py", ["--tokens", "512", "--inner", "16", "--heads", "4", "--kv-heads", "2",
+                                         "--headdim", "16", "--dtype", "float32", "--calls", "1", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["rank"] for r in result["ranks"]] == [0, 1] and sum(result["lengths"]) == 512
+    assert all(r["wall_ms"] > 0 and r["rows"] for r in result["ranks"]) and result["single"]["rows"]

@@ -1,0 +1,122 @@
+"""Where each rank's time goes in a sequence-parallel forward: its kernels by device time
+(torch.profiler), beside the plain operator's on one device (rank 0).
+
+    torchrun --standalone --nproc-per-node 2 benchmarks/profile_distributed.py --tokens 1048576 --slices balanced
+
+bfloat16, 32 heads, 8 kv heads, head dim 128, fold (N / 256, 256), complete, as
+benchmarks/distributed.py. Each rank runs 2 untimed forwards, then ``--calls`` under the
+profiler; prints per rank the wall ms per call, the device-busy ms and the ``--top``
+costliest operators and kernels, and writes them as JSON with ``--out`` (rank 0).
+``--device cpu`` runs it with gloo at tiny sizes (the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from tensorized_attention import tensorized_attn
+from tensorized_attention.distributed import balanced_lengths, sequence_parallel_tensorized_attn
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def profiled(fn, calls: int, cuda: bool, top: int) -> dict:
+    """Wall ms per call, busy ms per call and the top rows of ``calls`` calls of ``fn``."""
+    for _ in range(2):
+        fn()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    events = prof.key_averages()
+    device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
+    key = (lambda e: -e.self_device_time_total) if cuda else (lambda e: -e.self_cpu_time_total)
+    rows = [dict(name=e.key, calls=e.count / calls,
+                 ms=(e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / calls)
+            for e in sorted(device if cuda else events, key=key)[:top]]
+    busy = sum(e.self_device_time_total for e in device) / 1e3 / calls if cuda else None
+    return dict(wall_ms=wall_ms, busy_ms=busy, rows=rows)
+
+
+def main(argv=None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=1 << 20)
+    p.add_argument("--inner", type=int, default=256, help="the fold is (N / inner, inner)")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--headdim", type=int, default=128)
+    p.add_argument("--slices", choices=("equal", "balanced"), default="balanced")
+    p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--no-single", action="store_true", help="skip the plain operator on rank 0")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    N, dtype = args.tokens, DTYPES[args.dtype]
+    shape = (N // args.inner, args.inner)
+    if args.slices == "balanced":
+        lengths = balanced_lengths(N, world, shape)
+    else:
+        lengths = [N // world + (r < N % world) for r in range(world)]
+    g = torch.Generator(device=device).manual_seed(rank)
+    q = torch.randn(1, lengths[rank], args.heads, args.headdim, generator=g, device=device, dtype=dtype)
+    k, v = (torch.randn(1, lengths[rank], args.kv_heads, args.headdim, generator=g, device=device, dtype=dtype)
+            for _ in range(2))
+
+    def parallel():
+        with torch.no_grad():
+            sequence_parallel_tensorized_attn(q, k, v, shape)
+
+    mine = dict(rank=rank, length=lengths[rank], **profiled(parallel, args.calls, cuda, args.top))
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    single = None
+    if rank == 0 and not args.no_single:
+        del q, k, v
+        qf, kf, vf = (torch.randn(1, N, h, args.headdim, device=device, dtype=dtype)
+                      for h in (args.heads, args.kv_heads, args.kv_heads))
+
+        def plain():
+            with torch.no_grad():
+                tensorized_attn(qf, kf, vf, shape)
+
+        single = profiled(plain, args.calls, cuda, args.top)
+    dist.barrier()
+    result = None
+    if rank == 0:
+        result = dict(command=" ".join([f"torchrun --nproc-per-node {world}", *sys.argv]),
+                      device=torch.cuda.get_device_name(device) if cuda else "cpu", tokens=N, shape=list(shape),
+                      lengths=lengths, dtype=args.dtype, ranks=every, single=single)
+        for r in every + ([dict(rank="single", length=N, **single)] if single else []):
+            busy = "" if r["busy_ms"] is None else f", device busy {r['busy_ms']:.1f} ms"
+            print(f"rank {r['rank']} ({r['length']} positions): {r['wall_ms']:.1f} ms per call{busy}")
+            for row in r["rows"]:
+                print(f"  {row['ms']:9.2f} ms {row['calls']:5.1f}x  {row['name'][:100]}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+    dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
