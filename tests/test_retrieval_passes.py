@@ -195,21 +195,6 @@ def test_bound_score_finds_a_needle_that_the_mean_dilutes():
     assert outs["bound"][0, -1, 0, 1] > 0.9
 
 
-def test_bound_score_runs_on_the_reference_backend():
-    """The Triton kernels rank by the mean only: "auto" picks the reference for the bound,
-    and "triton" says so."""
-    q, k, v = torch.randn(3, 1, 64, 2, 16).unbind(0)
-    sel = SelectedPass(16, 2, "bound")
-    ref = tensorized_attn(q, k, v, (4, 16), order=(), select=sel, backend="reference")
-    torch.testing.assert_close(tensorized_attn(q, k, v, (4, 16), order=(), select=sel), ref)
-    from tensorized_attention.ops.dispatch import _choose_backend, _reference_only, available_backends
-
-    assert _reference_only(sel, False, q) == "SelectedPass(score='bound')"
-    if "triton" in available_backends(q.device):
-        with pytest.raises(ValueError, match="has no \"SelectedPass\\(score='bound'\\)\""):
-            _choose_backend("triton", q, _reference_only(sel, False, q))
-
-
 @pytest.mark.parametrize(
     "make, message",
     [

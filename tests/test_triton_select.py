@@ -17,20 +17,23 @@ from tensorized_attention.rope import rotate  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
-# (seqlen, block, topk, heads, kv_heads, headdim, sinks, positions, values per query head)
+# (seqlen, block, topk, heads, kv_heads, headdim, sinks, positions, values per query head, score)
 CASES = [
-    (100, 16, 2, 2, 1, 32, 0, None, False),
-    (77, 16, 1, 4, 2, 32, 3, None, True),
-    (90, 32, 3, 2, 2, 32, 4, "raw", False),
-    (70, 16, 2, 3, 1, 32, 2, "rotated", True),
-    (10, 16, 2, 2, 1, 32, 2, "raw", False),  # shorter than one block
+    (100, 16, 2, 2, 1, 32, 0, None, False, "mean"),
+    (77, 16, 1, 4, 2, 32, 3, None, True, "mean"),
+    (90, 32, 3, 2, 2, 32, 4, "raw", False, "mean"),
+    (70, 16, 2, 3, 1, 32, 2, "rotated", True, "mean"),
+    (10, 16, 2, 2, 1, 32, 2, "raw", False, "mean"),  # shorter than one block
+    (83, 16, 2, 4, 2, 32, 3, "raw", False, "bound"),
+    (70, 16, 3, 3, 1, 32, 2, "rotated", True, "bound"),
 ]
 if CUDA:
-    CASES += [(4096, 256, 2, 9, 3, 64, 4, "rotated", False), (3001, 128, 4, 8, 2, 128, 4, "raw", True)]
+    CASES += [(4096, 256, 2, 9, 3, 64, 4, "rotated", False, "mean"), (3001, 128, 4, 8, 2, 128, 4, "raw", True, "mean"),
+              (4096, 256, 4, 9, 3, 64, 4, "rotated", False, "bound")]
 
 
 def _inputs(case, dtype):
-    N, W, topk, H, Hkv, D, sinks, kind, per_head = case
+    N, W, topk, H, Hkv, D, sinks, kind, per_head, score = case
     g = torch.Generator().manual_seed(N + W)
     q = torch.randn(1, N, H, D, generator=g)
     k = torch.randn(1, N, Hkv, D, generator=g)
@@ -47,7 +50,7 @@ def _inputs(case, dtype):
         positions = TensorPositions(inv, rotated=True)
     if positions is not None:
         positions = TensorPositions(positions.inv_freq.to(DEVICE), positions.attention_scaling, positions.rotated)
-    return (*(x.to(DEVICE, dtype) for x in (q, k, values)), positions, SelectedPass(W, topk), sinks)
+    return (*(x.to(DEVICE, dtype) for x in (q, k, values)), positions, SelectedPass(W, topk, score), sinks)
 
 
 def _reference_pass(step, q, k, values, positions, sinks, scale):
@@ -121,25 +124,27 @@ def _float64(q, k, values, positions):
     return q.double(), k.double(), values.double(), positions
 
 
+@pytest.mark.parametrize("score", ["mean", "bound"])
 @pytest.mark.parametrize("N, W, topk", [(300, 16, 3), (77, 16, 5), (129, 32, 1), (40, 16, 2)])
-def test_ranking_kernel_selects_what_the_reference_selects(N, W, topk):
-    """The ranking kernel against reference.select_blocks: the same blocks for every query
-    (GQA, a last block cut short, fewer earlier blocks than topk), and of equal scores the
-    later block."""
-    from tensorized_attention.ops.reference import block_means, select_blocks
+def test_ranking_kernel_selects_what_the_reference_selects(N, W, topk, score):
+    """The ranking kernel against reference.select_blocks, by either score: the same blocks
+    for every query (GQA, a last block cut short, fewer earlier blocks than topk), and of
+    equal scores the later block."""
+    from tensorized_attention.ops.reference import block_summaries, select_blocks
 
     g = torch.Generator().manual_seed(N)
     B, H, Hkv, D = 2, 4, 2, 32
     q = torch.randn(B, N, H, D, generator=g)
     k = torch.randn(B, N, Hkv, D, generator=g)
-    if N >= 3 * W:  # blocks 0 and 2 of the first batch and kv head: the same keys, so equal means
+    if N >= 3 * W:  # blocks 0 and 2 of the first batch and kv head: the same (large) keys, so equal scores
+        k[0, :W, 0] += 3
         k[0, 2 * W:3 * W, 0] = k[0, :W, 0]
         q[0, 3 * W:, 0] = 10 * k[0, :W, 0].mean(0)  # queries of block 3 on: blocks 0 and 2 tie at the top
-    step = SelectedPass(W, topk)
+    step = SelectedPass(W, topk, score)
     sel, R = _selections(step, q.to(DEVICE), k.to(DEVICE), 0.3)
-    means = block_means(k.permute(0, 2, 1, 3)[:, :, None], W)
+    summaries = block_summaries(k.permute(0, 2, 1, 3)[:, :, None], step)
     qc = q.reshape(B, N, Hkv, H // Hkv, D).permute(0, 2, 3, 1, 4)
-    want = select_blocks(qc, means, torch.arange(N), W, topk, 0.3)[0].reshape(B, H, N, R)
+    want = select_blocks(qc, summaries, torch.arange(N), W, topk, 0.3)[0].reshape(B, H, N, R)
     want = torch.where(want < N // W, want, BIG)
     assert R == min(topk, N // W) and torch.equal(sel[..., :R].cpu(), want.to(torch.int32))
     if N >= 3 * W and topk == 1:
@@ -164,7 +169,7 @@ def test_pairs_group_the_selections_by_head_and_block():
 def test_operator_runs_the_kernel_without_gradients(alone):
     """tensorized_attn(..., select=SelectedPass, backend="triton"): the fold passes and the
     selected pass on Triton, the gate mixed after, equal to the reference, gradients too."""
-    q, k, values, positions, step, sinks = _inputs((96, 16, 2, 4, 2, 32, 2, "raw", False), torch.float32)
+    q, k, values, positions, step, sinks = _inputs((96, 16, 2, 4, 2, 32, 2, "raw", False, "mean"), torch.float32)
     order = () if alone else None
     gate = torch.rand(4, 1 if alone else 3, device=DEVICE)
     opts = dict(order=order, select=step, sinks=sinks, positions=positions, gate=gate)
@@ -212,5 +217,6 @@ def test_only_blocks_the_kernels_tile_run_on_them():
 
     q = torch.zeros(1, 8, 2, 32)
     assert dispatch._reference_only(SelectedPass(16, 2), False, q) is None
+    assert dispatch._reference_only(SelectedPass(16, 2, "bound"), False, q) is None
     assert "multiple of 16" in dispatch._reference_only(SelectedPass(12, 2), False, q)
     assert "odd headdim" in dispatch._reference_only(SelectedPass(16, 2), False, torch.zeros(1, 8, 2, 31))

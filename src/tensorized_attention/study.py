@@ -98,6 +98,10 @@ RETRIEVAL_CONFIGS: dict[str, Config] = {
                               '"select": {"block": 256, "topk": 4}}', True,
                               "window 256 + 4 sinks + the top-4 earlier 256-token blocks, trained (retrieval recipe)",
                               RETRIEVAL_RECIPE),
+    "select4-bound": Config('tensorized:{"shape": [null, 256], "order": [], "positions": "tensor", "sinks": 4, '
+                            '"select": {"block": 256, "topk": 4, "score": "bound"}}', True,
+                            "select4-trained ranking blocks by the channel-wise bound of their keys, not their mean "
+                            "(score='bound'), trained (retrieval recipe)", RETRIEVAL_RECIPE),
 }
 
 ALL_CONFIGS: dict[str, Config] = {**CONFIGS, **RETRIEVAL_CONFIGS}

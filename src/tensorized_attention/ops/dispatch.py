@@ -219,8 +219,6 @@ def _reference_only(select, relay, q) -> str | None:
     if isinstance(select, SelectedPass):
         if select.block % 16 or q.shape[-1] % 2:
             return "SelectedPass with a block that is not a multiple of 16 or an odd headdim"
-        if select.score != "mean":
-            return f"SelectedPass(score={select.score!r})"
     return None
 
 

@@ -26,8 +26,9 @@ q and k). Without positions nothing rotates.
 
 The ranking (which blocks each query selects) is that of the reference
 (:func:`tensorized_attention.ops.reference.select_blocks`) in one kernel,
-:func:`_rank_kernel`: the scores of a tile of queries against the blocks' mean keys, tile
-by tile of blocks, and a running top-k per query; no score matrix is written.
+:func:`_rank_kernel`: the scores of a tile of queries against the blocks' mean keys (or
+their channel-wise max and min keys: two matrix products), tile by tile of blocks, and a
+running top-k per query; no score matrix is written.
 
 The backward mirrors it: dq of the selected blocks pair by pair (rotated back by the pair's
 angle, into a buffer per slot), then a query-major kernel for the window's and the sinks'
@@ -502,16 +503,19 @@ def _blocks_dkdv_kernel(
 
 @triton.jit
 def _rank_kernel(
-    QC, MEANS, SEL, stride_qb, stride_qn, stride_qh,
+    QC, SUMMARY, SEL, stride_qb, stride_qn, stride_qh,
     N, H, Hkv, BH, n_blocks, RC, scale,
     GROUP: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, PRECISION: tl.constexpr,
+    BOUND: tl.constexpr,
 ):
     """The ranking of BLOCK_M queries of one head (what ``reference.select_blocks`` computes):
-    each query's best ``K`` whole blocks before its own by ``scale q . mean(k of the block)``
-    (MEANS [B, Hkv, n_blocks, D], float32), of equal scores the later block, written in
-    increasing order to SEL [BH, N, RC] (padding BIG). The kept blocks are a set of K
-    columns; a block enters when it beats the set's worst."""
+    each query's best ``K`` whole blocks before its own, of equal scores the later block,
+    written in increasing order to SEL [BH, N, RC] (padding BIG). A block scores
+    ``scale q . mean(k of the block)`` (SUMMARY: the mean keys [B, Hkv, n_blocks, D]) or,
+    with BOUND, ``scale (max(q, 0) . kmax + min(q, 0) . kmin)`` (SUMMARY: the channel-wise
+    bounds [B, Hkv, n_blocks, 2, D]); float32. The kept blocks are a set of K columns; a
+    block enters when it beats the set's worst."""
     pid = tl.program_id(0)
     bh = pid % BH
     a0 = (pid // BH) * BLOCK_M
@@ -523,16 +527,26 @@ def _rank_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     q = _rows(QC + b.to(tl.int64) * stride_qb + h * stride_qh, offs_m, m_ok, stride_qn, offs_d, d_ok).to(tl.float32)
-    means = MEANS + ((b * Hkv + h // GROUP).to(tl.int64) * n_blocks) * HEAD_DIM
+    ROWS: tl.constexpr = 2 if BOUND else 1  # summary rows per block
+    summary = SUMMARY + ((b * Hkv + h // GROUP).to(tl.int64) * n_blocks) * (ROWS * HEAD_DIM)
+    if BOUND:
+        q_pos = tl.maximum(q, 0.0)
+        q_neg = tl.minimum(q, 0.0)
     cols = tl.arange(0, KP)
     # K columns start empty (-inf, distinct negative indices); columns past K never take a block (+inf)
     best_v = tl.where(cols[None, :] < K, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, KP], tl.float32)
     best_i = -1 - cols[None, :] + tl.zeros([BLOCK_M, KP], tl.int32)
     for b0 in range(0, tl.minimum(n_blocks, (a0 + BLOCK_M - 1) // W), BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
-        mt = tl.load(means + offs_b.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :],
-                     mask=(offs_b < n_blocks)[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(mt), input_precision=PRECISION) * scale
+        rows = summary + offs_b.to(tl.int64)[:, None] * (ROWS * HEAD_DIM) + offs_d[None, :]
+        bd_ok = (offs_b < n_blocks)[:, None] & d_ok[None, :]
+        if BOUND:
+            k_max = tl.load(rows, mask=bd_ok, other=0.0)
+            k_min = tl.load(rows + HEAD_DIM, mask=bd_ok, other=0.0)
+            s = tl.dot(q_pos, tl.trans(k_max), input_precision=PRECISION)
+            s = tl.dot(q_neg, tl.trans(k_min), s, input_precision=PRECISION) * scale
+        else:
+            s = tl.dot(q, tl.trans(tl.load(rows, mask=bd_ok, other=0.0)), input_precision=PRECISION) * scale
         s = tl.where((offs_b[None, :] < own[:, None]) & (offs_b[None, :] < n_blocks), s, float("-inf"))
         for _ in tl.static_range(K):  # the tile's best left, offered to the kept set
             top = tl.max(s, 1)
@@ -555,7 +569,7 @@ def _selections(step, q_content, k_content, scale, block_m=64):
     """Which blocks each query selects (the reference's ranking, :func:`_rank_kernel`):
     ``[B, H, N, max(R, 1)]`` int32 in increasing order (a slot's place is the block's rank
     among the row's selections; padding BIG), and R = min(topk, N // block)."""
-    from ..reference import block_means
+    from ..reference import block_summaries
 
     B, N, H, D = q_content.shape
     Hkv = k_content.shape[2]
@@ -564,12 +578,13 @@ def _selections(step, q_content, k_content, scale, block_m=64):
     R = min(step.topk, n_blocks)
     sel = torch.full((B, H, N, max(R, 1)), BIG, dtype=torch.int32, device=q_content.device)
     if R:
-        means = block_means(k_content.permute(0, 2, 1, 3)[:, :, None], W).float().contiguous()
+        summary = block_summaries(k_content.permute(0, 2, 1, 3)[:, :, None], step).float().contiguous()
         _rank_kernel[(triton.cdiv(N, block_m) * B * H,)](
-            q_content, means, sel, *q_content.stride()[:3], N, H, Hkv, B * H, n_blocks, sel.shape[-1], scale,
+            q_content, summary, sel, *q_content.stride()[:3], N, H, Hkv, B * H, n_blocks, sel.shape[-1], scale,
             GROUP=H // Hkv, W=W, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m,
             BLOCK_B=64, K=R, KP=max(2, triton.next_power_of_2(R)),
-            PRECISION="ieee" if q_content.dtype == torch.float32 else "tf32", num_warps=4)
+            PRECISION="ieee" if q_content.dtype == torch.float32 else "tf32", BOUND=step.score == "bound",
+            num_warps=4)
     return sel, R
 
 
