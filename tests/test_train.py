@@ -219,7 +219,7 @@ def test_retrieval_rows_are_seeded_prompts_over_the_rows_own_text(tokenizer):
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 250, (4, 900), generator=g)
-    out = T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=7)
+    out, answers = T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=7)
     assert out.shape == ids.shape and torch.equal(out[0::2], ids[0::2]) and not torch.equal(out[1::2], ids[1::2])
     for row in (1, 3):
         text = tokenizer.decode(out[row].tolist())
@@ -229,14 +229,40 @@ def test_retrieval_rows_are_seeded_prompts_over_the_rows_own_text(tokenizer):
         # its keys are even: the evaluation's are odd, so no evaluation key is trained on
         keys = [int(x) for x in re.findall(r"pass key (?:of \w+ )?is (\d{5})", text)]
         assert keys and all(key % 2 == 0 for key in keys)
-    assert torch.equal(out, T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=7))
-    assert not torch.equal(out, T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=9))
-    assert torch.equal(T.retrieval_rows(ids, 0.0, tokenizer, seed=1, step=7), ids)
+        # the answer it reports: the key asked for, at the prompt's end
+        (offset, length), = [(o, n) for r, o, n in answers if r == row]
+        assert offset + length == out.shape[1] and tokenizer.decode(out[row, offset:].tolist()).strip() in map(str, keys)
+    assert [r for r, _, _ in answers] == [1, 3]
+    assert torch.equal(out, T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=7)[0])
+    assert not torch.equal(out, T.retrieval_rows(ids, 0.5, tokenizer, seed=1, step=9)[0])
+    assert torch.equal(T.retrieval_rows(ids, 0.0, tokenizer, seed=1, step=7)[0], ids)
     # a quarter of the rows over the run with a batch of 2: one row every other step
     pair = ids[:2, :300]
-    changed = [int(not torch.equal(T.retrieval_rows(pair, 0.25, tokenizer, seed=1, step=s)[r], pair[r]))
+    changed = [int(not torch.equal(T.retrieval_rows(pair, 0.25, tokenizer, seed=1, step=s)[0][r], pair[r]))
                for s in range(4) for r in range(2)]
     assert changed == [0, 0, 0, 1, 0, 0, 0, 1]
+
+
+def test_answer_weight_weights_the_answer_tokens_of_synthetic_rows(checkpoint):
+    """--answer-weight: the loss is the weighted mean over predicted tokens, the answer
+    tokens of the synthetic rows counting w times; 1 is the plain mean."""
+    model, _ = models.load_model(checkpoint)
+    ids = torch.randint(3, 250, (2, 41), generator=torch.Generator().manual_seed(3))
+    answers = [(1, 30, 6)]  # row 1's tokens 30..35, predicted at positions 29..34
+    weights = T.answer_weights(answers, ids, 50.0)
+    assert weights.shape == (2, 40) and weights.sum() == 80 + 6 * 49
+    assert (weights[1, 29:35] == 50).all() and weights[1, 28] == weights[1, 35] == weights[0].max() == 1
+    assert T.answer_weights(answers, ids, 1.0) is None and T.answer_weights([], ids, 50.0) is None
+    with torch.no_grad():
+        logits = model(input_ids=ids[:, :-1]).logits.float()
+        each = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                 reduction="none").reshape(2, 40)
+        torch.testing.assert_close(T.sequence_loss(model, ids, weights=weights), (each * weights).sum() / weights.sum())
+        torch.testing.assert_close(T.sequence_loss(model, ids), each.mean())
+    with pytest.raises(T.TrainError, match="--answer-weight must be >= 1, and other than 1 only with --retrieval"):
+        T.TrainConfig(context=32, batch=4, train_tokens=1000, answer_weight=10.0).check()
+    with pytest.raises(T.TrainError, match="--answer-weight must be >= 1"):
+        T.TrainConfig(context=32, batch=4, train_tokens=1000, retrieval_share=0.25, answer_weight=0.5).check()
 
 
 def test_retrieval_share_needs_room_for_the_prompt(checkpoint, tokens, tmp_path, capsys):

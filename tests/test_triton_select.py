@@ -29,7 +29,7 @@ CASES = [
 ]
 if CUDA:
     CASES += [(4096, 256, 2, 9, 3, 64, 4, "rotated", False, "mean"), (3001, 128, 4, 8, 2, 128, 4, "raw", True, "mean"),
-              (4096, 256, 4, 9, 3, 64, 4, "rotated", False, "bound")]
+              (2048, 256, 4, 6, 2, 64, 4, "rotated", False, "bound")]
 
 
 def _inputs(case, dtype):

@@ -102,6 +102,11 @@ RETRIEVAL_CONFIGS: dict[str, Config] = {
                             '"select": {"block": 256, "topk": 4, "score": "bound"}}', True,
                             "select4-trained ranking blocks by the channel-wise bound of their keys, not their mean "
                             "(score='bound'), trained (retrieval recipe)", RETRIEVAL_RECIPE),
+    "select4-bound-answers": Config('tensorized:{"shape": [null, 256], "order": [], "positions": "tensor", '
+                                    '"sinks": 4, "select": {"block": 256, "topk": 4, "score": "bound"}}', True,
+                                    "select4-bound, the synthetic rows' answer tokens weighted 1000 times in the loss "
+                                    "(retrieval recipe + --answer-weight 1000)",
+                                    (*RETRIEVAL_RECIPE, "--answer-weight", "1000")),
 }
 
 ALL_CONFIGS: dict[str, Config] = {**CONFIGS, **RETRIEVAL_CONFIGS}

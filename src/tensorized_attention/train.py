@@ -92,7 +92,10 @@ PEAK_TFLOPS_BF16 = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), 
 #: the settings a checkpoint must share with the run that resumes it (they fix the windows
 #: read at each step and the learning rate of each step)
 RUN_KEYS = ("model", "attention", "data", "context", "batch", "train_tokens", "lr", "new_lr", "retrieval_share",
-            "min_lr_ratio", "warmup", "weight_decay", "clip", "seed")
+            "answer_weight", "min_lr_ratio", "warmup", "weight_decay", "clip", "seed")
+#: settings added later, with the value that leaves a run as before: they join a run's
+#: identity only when set otherwise, so older checkpoints still resume
+_LATER_KEYS = {"new_lr": None, "retrieval_share": 0.0, "answer_weight": 1.0}
 _TRAIN_STREAM, _EVAL_STREAM = 0, 1
 
 
@@ -435,7 +438,8 @@ def make_optimizer(model, *, lr: float, weight_decay: float, new_lr: float | Non
     return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS)
 
 
-def retrieval_rows(ids: torch.Tensor, share: float, tokenizer, seed: int, step: int) -> torch.Tensor:
+def retrieval_rows(ids: torch.Tensor, share: float, tokenizer, seed: int,
+                   step: int) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
     """Synthetic retrieval examples in a training batch (``train --retrieval-share``): a
     ``share`` of the rows, over the run, become passkey or multi-key prompts of the same T
     tokens (:mod:`tensorized_attention.passkey`) whose filler is the row's own text. Row
@@ -444,8 +448,9 @@ def retrieval_rows(ids: torch.Tensor, share: float, tokenizer, seed: int, step: 
     4), their depths, names and values come from a generator seeded with
     ``train-retrieval/{seed}/{step}/{row}``, apart from the evaluation's (``passkey/...``,
     ``multikey/...``); the keys are even, the evaluation's odd
-    (:func:`tensorized_attention.passkey.draw_key`). The loss covers every token, as for
-    the other rows."""
+    (:func:`tensorized_attention.passkey.draw_key`). Returns the batch and, for each
+    synthetic row, ``(row, answer_offset, answer_length)``: where its answer's tokens are
+    (for :func:`answer_weights`)."""
     import math
     import random
 
@@ -455,6 +460,7 @@ def retrieval_rows(ids: torch.Tensor, share: float, tokenizer, seed: int, step: 
     chosen = [row for row in range(batch)
               if math.floor((step * batch + row + 1) * share) > math.floor((step * batch + row) * share)]
     out = ids.clone()
+    answers = []
     for row in chosen:
         rng = random.Random(f"train-retrieval/{seed}/{step}/{row}")
         builder = passkey.PromptBuilder(tokenizer, filler_text=ids[row].tolist())
@@ -471,13 +477,28 @@ def retrieval_rows(ids: torch.Tensor, share: float, tokenizer, seed: int, step: 
                                strict=True))
             prompt = builder.build_multi(ids.shape[1], needles, 0)
         out[row] = torch.tensor(prompt.ids, dtype=ids.dtype)
-    return out
+        answers.append((row, prompt.answer_offset, prompt.answer_length))
+    return out, answers
+
+
+def answer_weights(answers: list[tuple[int, int, int]], ids: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """The weight of each predicted token of ``ids [B, T + 1]`` (``[B, T]``, for
+    :func:`sequence_loss`): ``weight`` for the answer tokens of ``answers`` (from
+    :func:`retrieval_rows`), 1 elsewhere; None when all would be 1."""
+    if weight == 1.0 or not answers:
+        return None
+    weights = torch.ones(ids.shape[0], ids.shape[1] - 1)
+    for row, offset, length in answers:  # token t is predicted at position t - 1
+        weights[row, offset - 1: offset - 1 + length] = weight
+    return weights
 
 
 def sequence_loss(model, ids: torch.Tensor, autocast: torch.dtype | None = None,
-                  parallel: SequenceParallel | None = None) -> torch.Tensor:
+                  parallel: SequenceParallel | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy (nats per predicted token) of windows ``ids`` ``[B, T + 1]``: the
     model reads ``ids[:, :-1]`` (no cache) and predicts ``ids[:, 1:]``; logits in float32.
+    With ``weights [B, T]`` (:func:`answer_weights`) the mean is weighted: a token of weight
+    w counts w times.
 
     With ``parallel`` (every rank given the same ``ids``) the model reads this rank's slice
     of the T positions (:meth:`SequenceParallel.bounds`, at its global ``position_ids``)
@@ -485,18 +506,28 @@ def sequence_loss(model, ids: torch.Tensor, autocast: torch.dtype | None = None,
     the ranks' gradients, so what each rank backpropagates sums to the mean's gradient, and
     :meth:`SequenceParallel.mean` of the values is the mean loss."""
     inputs, labels = ids[:, :-1], ids[:, 1:]
+    total = labels.numel() if weights is None else float(weights.sum())
     if parallel is None:
         with _autocast(ids.device, autocast):
             logits = model(input_ids=inputs, use_cache=False).logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return _weighted_mean(logits, labels, weights, total)
     from .hf.attention import sequence_parallel
 
     a, b = parallel.bounds(inputs.shape[1])
     positions = torch.arange(a, b, device=ids.device).expand(inputs.shape[0], -1)
     with _autocast(ids.device, autocast), sequence_parallel(parallel.group, inputs.shape[1]):
         logits = model(input_ids=inputs[:, a:b], position_ids=positions, use_cache=False).logits
-    total = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, a:b].reshape(-1), reduction="sum")
-    return total * parallel.world / labels.numel()
+    return _weighted_mean(logits, labels[:, a:b], None if weights is None else weights[:, a:b], total) * parallel.world
+
+
+def _weighted_mean(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                   total: float) -> torch.Tensor:
+    """The cross-entropy of ``logits`` (float32) against ``labels``, each token times its
+    weight (1 without ``weights``), summed and divided by ``total``."""
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    if weights is not None:
+        losses = losses * weights.to(losses.device, losses.dtype).reshape(-1)
+    return losses.sum() / total
 
 
 @torch.no_grad()
@@ -712,6 +743,7 @@ class TrainConfig:
     lr: float = 2e-5
     new_lr: float | None = None
     retrieval_share: float = 0.0
+    answer_weight: float = 1.0
     min_lr_ratio: float = 0.1
     warmup: float = 0.05
     weight_decay: float = 0.1
@@ -759,6 +791,10 @@ class TrainConfig:
                              f"{self.batch} x {self.context} = {self.tokens_per_step} tokens; give at least that")
         if not 0.0 <= self.retrieval_share < 1.0:
             raise TrainError(f"--retrieval-share must lie in [0, 1), got {self.retrieval_share}")
+        if not self.answer_weight >= 1.0 or (self.answer_weight != 1.0 and not self.retrieval_share):
+            raise TrainError(f"--answer-weight must be >= 1, and other than 1 only with --retrieval-share (it weights "
+                             f"the answers of the synthetic rows), got {self.answer_weight} with --retrieval-share "
+                             f"{self.retrieval_share}")
         if self.new_lr is not None and not self.new_lr > 0:
             raise TrainError(f"--new-lr must be > 0 (or left out: the same as --lr), got {self.new_lr}")
         if not self.lr > 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -785,8 +821,7 @@ def _run_identity(run: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
         "model": run.get("model"),
         "attention": run.get("attention"),
         "data": {k: data.get(k) for k in ("kind", "split", "sha256", "stream_tokens", "separator")},
-        # options added later join the identity only when set, so older checkpoints still resume
-        **{k: settings[k] for k in RUN_KEYS if k in settings and (k not in ("new_lr", "retrieval_share") or settings[k])},
+        **{k: settings[k] for k in RUN_KEYS if k in settings and settings[k] != _LATER_KEYS.get(k, object())},
     }
 
 
@@ -950,8 +985,10 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
         t0 = time.perf_counter()
         starts = window_starts(config.seed, step, config.batch, len(stream), config.context + 1)
         ids = stream.windows(starts, config.context + 1)
+        weights = None
         if config.retrieval_share:
-            ids = retrieval_rows(ids, config.retrieval_share, tokenizer, config.seed, step)
+            ids, answers = retrieval_rows(ids, config.retrieval_share, tokenizer, config.seed, step)
+            weights = answer_weights(answers, ids, config.answer_weight)
         ids = ids.to(device)
         lr = lr_at(step, steps=steps, warmup=warmup, peak=config.lr, min_ratio=config.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -959,7 +996,8 @@ def train(model, tokenizer, stream: TokenStream, config: TrainConfig, out_dir: s
         optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=device)
         for i in range(0, config.batch, config.micro_batch):
-            loss = sequence_loss(model, ids[i: i + config.micro_batch], autocast, parallel)
+            loss = sequence_loss(model, ids[i: i + config.micro_batch], autocast, parallel,
+                                 None if weights is None else weights[i: i + config.micro_batch])
             (loss / config.accumulation).backward()
             loss_sum += loss.detach()
         if parallel is not None:
@@ -1134,6 +1172,9 @@ def add_arguments(p) -> None:
     p.add_argument("--retrieval-share", type=float, default=0.0,
                    help="share of each batch replaced by synthetic passkey / multi-key prompts over the batch's own "
                         "text (keys apart from the evaluation's); 0: none")
+    p.add_argument("--answer-weight", type=float, default=1.0,
+                   help="with --retrieval-share: each answer token of a synthetic row counts this many times in its "
+                        "row's mean loss (1: like any other token)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to this times --lr")
     p.add_argument("--warmup", type=float, default=0.05,
                    help="linear warmup: steps (>= 1), or a fraction of the steps (< 1)")
@@ -1197,7 +1238,8 @@ def _run(args, command: str) -> int:
         return fail(f"--attention: {err}")
     config = TrainConfig(
         context=args.context, batch=args.batch, train_tokens=args.train_tokens, micro_batch=args.micro_batch,
-        lr=args.lr, new_lr=args.new_lr, retrieval_share=args.retrieval_share, min_lr_ratio=args.min_lr_ratio,
+        lr=args.lr, new_lr=args.new_lr, retrieval_share=args.retrieval_share,
+        answer_weight=args.answer_weight, min_lr_ratio=args.min_lr_ratio,
         warmup=args.warmup, weight_decay=args.weight_decay,
         clip=args.clip, seed=args.seed, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
         save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, log_every=args.log_every,

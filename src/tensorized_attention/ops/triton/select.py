@@ -579,10 +579,11 @@ def _selections(step, q_content, k_content, scale, block_m=64):
     sel = torch.full((B, H, N, max(R, 1)), BIG, dtype=torch.int32, device=q_content.device)
     if R:
         summary = block_summaries(k_content.permute(0, 2, 1, 3)[:, :, None], step).float().contiguous()
+        # the bound's two summary tiles: 32 blocks a tile keep shared memory in bounds at headdim 128
         _rank_kernel[(triton.cdiv(N, block_m) * B * H,)](
             q_content, summary, sel, *q_content.stride()[:3], N, H, Hkv, B * H, n_blocks, sel.shape[-1], scale,
             GROUP=H // Hkv, W=W, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=block_m,
-            BLOCK_B=64, K=R, KP=max(2, triton.next_power_of_2(R)),
+            BLOCK_B=32 if step.score == "bound" else 64, K=R, KP=max(2, triton.next_power_of_2(R)),
             PRECISION="ieee" if q_content.dtype == torch.float32 else "tf32", BOUND=step.score == "bound",
             num_warps=4)
     return sel, R
