@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tensorized_attention import tensorized_attn
+from tensorized_attention import distributed, tensorized_attn
 from tensorized_attention.distributed import (
     balanced_lengths,
     plan_sequence_parallel,
@@ -57,6 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-single", action="store_true", help="skip the one-GPU operator (P = 1)")
     p.add_argument("--slices", choices=("equal", "balanced"), default="equal",
                    help="the ranks' slices: equal lengths, or distributed.balanced_lengths (the same work per rank)")
+    p.add_argument("--shifts", default="0", metavar="S,...",
+                   help="positions moved from the last rank's slice to rank 0's, one measurement each (a sweep of "
+                        "the balance; the one-GPU operator is measured once per length)")
+    p.add_argument("--no-early-halos", action="store_true",
+                   help="a rank computes its whole pass before sending the next pass's halo "
+                        "(distributed.EARLY_HALOS off; to compare)")
     p.add_argument("--max-halo", type=float, default=None,
                    help="the operator's max_halo: a pass takes a halo only when no rank's halo exceeds this times "
                         "its slice (default: no limit)")
@@ -68,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("need 1 <= --min-tokens <= --max-tokens")
     if args.heads % args.kv_heads:
         p.error("--kv-heads must divide --heads")
+    try:
+        args.shifts = [int(x) for x in args.shifts.split(",")]
+    except ValueError:
+        p.error(f"--shifts takes integers separated by commas, got {args.shifts!r}")
     return args
 
 
@@ -202,47 +212,65 @@ def run(args, on_row=None) -> dict | None:
         device = torch.device("cpu")
     dtype = DTYPES[args.dtype]
     timer = Timer(device)
+    distributed.EARLY_HALOS = not args.no_early_halos
     rows = []
     for N in lengths_of(args):
         if N % args.inner or N < world:
             raise SystemExit(f"--inner ({args.inner}) must divide every length (got {N}), each >= the ranks")
         shape = (N // args.inner, args.inner)
         if args.slices == "balanced":
-            lengths = balanced_lengths(N, world, shape, mode=args.mode)
+            base_lengths = balanced_lengths(N, world, shape, mode=args.mode)
         else:
             base, extra = divmod(N, world)
-            lengths = [base + (r < extra) for r in range(world)]
-        L = lengths[rank]
-        plan = plan_sequence_parallel(shape, N, world, mode=args.mode, heads=args.heads, kv_heads=args.kv_heads,
-                                      headdim=args.headdim, dtype_bytes=torch.finfo(dtype).bits // 8,
-                                      batch=args.batch, lengths=lengths, max_halo=args.max_halo)
-        row = {"tokens": N, "shape": list(shape), "ranks": world, "lengths": lengths,
-               "passes": [{"dim": e.dim, "stride": e.stride, "kind": e.kind, "send_bytes": list(e.send_bytes),
-                           "recv_bytes": list(e.recv_bytes)} for e in plan],
-               "forward_send_bytes": [sum(e.send_bytes[r] for e in plan) for r in range(world)],
-               "backward_send_bytes": [sum(e.recv_bytes[r] for e in plan) for r in range(world)]}
-        g = torch.Generator(device=device).manual_seed(1 + rank)
-        q = torch.randn(args.batch, L, args.heads, args.headdim, generator=g, device=device, dtype=dtype)
-        k, v = (torch.randn(args.batch, L, args.kv_heads, args.headdim, generator=g, device=device, dtype=dtype)
-                for _ in range(2))
-        grad = torch.randn_like(q)
-        inputs = [x.requires_grad_() for x in (q, k, v)]
-
-        def parallel(q, k, v, shape=shape):
-            return sequence_parallel_tensorized_attn(q, k, v, shape, mode=args.mode, max_halo=args.max_halo)
-
-        row["parallel"] = measure(parallel, inputs, grad, args, device, timer)
-        del q, k, v, grad, inputs
-        if not args.no_single:
-            row["single"] = single_device(args, N, shape, device, dtype, rank)
-        if N <= args.cp_max_tokens:
-            row["context_parallel_sdpa"] = context_parallel_sdpa(args, N, device, dtype, timer)
-        rows.append(row)
-        if rank == 0 and on_row is not None:
-            on_row(_result(args, world, backend, device, rows))
+            base_lengths = [base + (r < extra) for r in range(world)]
+        single = None
+        for shift in args.shifts:
+            lengths = list(base_lengths)
+            lengths[0] += shift
+            lengths[-1] -= shift
+            if min(lengths) < 1 or (world == 1 and shift):
+                raise SystemExit(f"--shifts: {shift} on slices {base_lengths} of {world} ranks leaves no position on "
+                                 f"one, or moves positions within one rank")
+            row = _parallel_row(args, N, shape, lengths, rank, world, device, dtype, timer)
+            row["shift"] = shift
+            if shift == args.shifts[0] and not args.no_single:  # every rank takes part (rank 0 measures)
+                single = single_device(args, N, shape, device, dtype, rank)
+            if single is not None:
+                row["single"] = single
+            if N <= args.cp_max_tokens and shift == args.shifts[0]:
+                row["context_parallel_sdpa"] = context_parallel_sdpa(args, N, device, dtype, timer)
+            rows.append(row)
+            if rank == 0 and on_row is not None:
+                on_row(_result(args, world, backend, device, rows))
     if rank != 0:
         return None
     return _result(args, world, backend, device, rows)
+
+
+def _parallel_row(args, N, shape, lengths, rank, world, device, dtype, timer) -> dict:
+    """The sequence-parallel operator on slices ``lengths``: the plan's bytes and the times."""
+    L = lengths[rank]
+    plan = plan_sequence_parallel(shape, N, world, mode=args.mode, heads=args.heads, kv_heads=args.kv_heads,
+                                  headdim=args.headdim, dtype_bytes=torch.finfo(dtype).bits // 8,
+                                  batch=args.batch, lengths=lengths, max_halo=args.max_halo)
+    row = {"tokens": N, "shape": list(shape), "ranks": world, "lengths": lengths,
+           "passes": [{"dim": e.dim, "stride": e.stride, "kind": e.kind, "send_bytes": list(e.send_bytes),
+                       "recv_bytes": list(e.recv_bytes)} for e in plan],
+           "forward_send_bytes": [sum(e.send_bytes[r] for e in plan) for r in range(world)],
+           "backward_send_bytes": [sum(e.recv_bytes[r] for e in plan) for r in range(world)]}
+    g = torch.Generator(device=device).manual_seed(1 + rank)
+    q = torch.randn(args.batch, L, args.heads, args.headdim, generator=g, device=device, dtype=dtype)
+    k, v = (torch.randn(args.batch, L, args.kv_heads, args.headdim, generator=g, device=device, dtype=dtype)
+            for _ in range(2))
+    grad = torch.randn_like(q)
+    inputs = [x.requires_grad_() for x in (q, k, v)]
+
+    def parallel(q, k, v, shape=shape):
+        return sequence_parallel_tensorized_attn(q, k, v, shape, mode=args.mode, max_halo=args.max_halo)
+
+    row["parallel"] = measure(parallel, inputs, grad, args, device, timer)
+    del q, k, v, grad, inputs
+    return row
 
 
 def _result(args, world, backend, device, rows) -> dict:
@@ -253,7 +281,7 @@ def _result(args, world, backend, device, rows) -> dict:
         "ranks": world, "process_group_backend": backend, "torch": torch.__version__,
         "dtype": args.dtype, "heads": args.heads, "kv_heads": args.kv_heads, "headdim": args.headdim,
         "batch": args.batch, "mode": args.mode, "iters": args.iters, "max_halo": args.max_halo,
-        "slices": args.slices, "rows": rows,
+        "slices": args.slices, "early_halos": not args.no_early_halos, "rows": rows,
     }
 
 

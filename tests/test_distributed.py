@@ -227,20 +227,27 @@ TRITON_CASES = [
 ]
 
 
-def test_triton_backend_under_interpreter(tmp_path, monkeypatch):
-    """The passes on the Triton backend (one pass per call, on each rank's slots), run by
-    Triton's interpreter on the CPU, against the single-process reference."""
+# 3 ranks, the last two passes halos: the middle rank receives the last pass's halo early and sends its own early
+TRITON_CASES_3 = [Case((3, 4, 4), 48, (17, 16, 15), mode="complete", gate="heads", positions="plain",
+                       dtype=torch.float32, backend="triton")]
+
+
+@pytest.mark.parametrize("world, cases", [(2, TRITON_CASES), (3, TRITON_CASES_3)], ids=["2-ranks", "3-ranks"])
+def test_triton_backend_under_interpreter(world, cases, tmp_path, monkeypatch):
+    """The passes on the Triton backend (one pass per call, on each rank's slots; a rank
+    computes first the rows the next rank's next pass takes as its halo, and sends them
+    early), run by Triton's interpreter on the CPU, against the single-process reference."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned ranks
-    results = _spawn(2, [(str(c), compare, (c,)) for c in TRITON_CASES], tmp_path)
+    results = _spawn(world, [(str(c), compare, (c,)) for c in cases], tmp_path)
     kinds = set()
-    for case in TRITON_CASES:
-        for rank in range(2):
+    for case in cases:
+        for rank in range(world):
             r = _result(results, rank, str(case))
             kinds.update(r["kinds"])
             for key in ("out", "dq", "dk", "dv", "dgate"):
                 assert r[key] <= 2e-5 * max(1.0, r["scale"]), (rank, str(case), key, r)
-    assert kinds >= {"halo", "all_to_all"}
+    assert "halo" in kinds and (world != 2 or "all_to_all" in kinds)
 
 
 def _torchrun(script: str, args: list[str]) -> None:
@@ -262,22 +269,27 @@ def _torchrun(script: str, args: list[str]) -> None:
 
 def test_benchmark_runs_on_cpu(tmp_path):
     """benchmarks/distributed.py under torchrun, 2 CPU ranks (gloo), tiny sizes: its JSON
-    holds the plan's bytes and a time for every measurement."""
+    holds the plan's bytes and a time for every measurement, one row per length and shift
+    of the slices."""
     import json
 
     out = tmp_path / "bench.json"
     _torchrun("distributed.py", ["--min-tokens", "256", "--max-tokens", "512", "--heads", "4", "--kv-heads", "2",
                                  "--headdim", "16", "--inner", "16", "--iters", "2", "--cp-max-tokens", "256",
-                                 "--dtype", "float32", "--out", str(out)])
+                                 "--dtype", "float32", "--shifts", "0,16", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert [r["tokens"] for r in result["rows"]] == [256, 512]
-    for row in result["rows"]:
+    rows = result["rows"]
+    assert [(r["tokens"], r["shift"]) for r in rows] == [(256, 0), (256, 16), (512, 0), (512, 16)]
+    for row in rows:
         plan = plan_sequence_parallel(tuple(row["shape"]), row["tokens"], 2, heads=4, kv_heads=2, headdim=16,
-                                      dtype_bytes=4)
+                                      dtype_bytes=4, lengths=row["lengths"])
         assert row["forward_send_bytes"] == [sum(e.send_bytes[r] for e in plan) for r in range(2)]
+        assert row["lengths"] == [row["tokens"] // 2 + row["shift"], row["tokens"] // 2 - row["shift"]]
         for part in ("parallel", "single"):
             assert row[part]["forward_ms"] > 0 and row[part]["forward_backward_ms"] > 0
-    assert "context_parallel_sdpa" in result["rows"][0] and "context_parallel_sdpa" not in result["rows"][1]
+    assert rows[0]["single"] == rows[1]["single"]  # one GPU: measured once per length
+    assert result["early_halos"] is True
+    assert ["context_parallel_sdpa" in r for r in rows] == [True, False, False, False]
 
 
 def test_transfer_benchmark_runs_on_cpu(tmp_path):

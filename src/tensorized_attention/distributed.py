@@ -481,14 +481,16 @@ def sequence_parallel_tensorized_attn(
         sink_k = _Broadcast.apply(_sink_rows(k, sink_count, rank), group)
     steps = plan_passes(_used_shape(shape, N), order, mode, causal)
     values = v
+    received = None  # this pass's halo, when the previous pass exchanged it early
     for t, (step, entry) in enumerate(zip(steps, plan, strict=True)):
         sink_v = None
         if sink_count:
             sink_v = _Broadcast.apply(_sink_rows(values, sink_count, rank), group)
         if entry.kind == "all_to_all":
-            values = _regrouped_pass(run, t, step, entry, q, k, values, sink_k, sink_v)
+            values, received = _regrouped_pass(run, t, step, entry, q, k, values, sink_k, sink_v), None
         else:
-            values = _halo_pass(run, t, step, entry, q, k, values, sink_k, sink_v)
+            following = plan[t + 1] if t + 1 < len(plan) else None
+            values, received = _halo_pass(run, t, step, entry, q, k, values, sink_k, sink_v, received, following)
     _finish_sends()
     return values.to(q.dtype)
 
@@ -570,14 +572,20 @@ def _short(x) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _halo_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, sink_v):
-    """A local pass, with the previous rank's last keys and values when it is a halo pass."""
+#: A rank computes first the rows of a pass's output that the next rank's next pass takes
+#: as its halo, and sends them before computing the rest (Triton backend): the next rank
+#: then waits for those rows only, not for this rank's whole pass.
+EARLY_HALOS = True
+
+
+def _halo_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, sink_v, received=None, following=None):
+    """A local pass, with the previous rank's last keys and values when it is a halo pass
+    (``received``: that halo when the previous pass exchanged it early). Returns the pass's
+    output and, when this pass exchanged the ``following`` pass's halo early, that halo."""
     L = q.shape[1]
     h = entry.halo[run.rank]
     if entry.kind == "halo":
-        nxt = entry.halo[run.rank + 1] if run.rank + 1 < run.world else 0
-        sent = torch.cat([x[:, L - nxt:].flatten(2) for x in (k, values)], dim=-1)  # only the rows sent
-        got = _Halo.apply(sent, h, run.group)
+        got = _exchange_halo(run, entry, k, values) if received is None else received
         hk, hv = got.split([math.prod(k.shape[2:]), math.prod(values.shape[2:])], dim=-1)
         k_l = torch.cat([hk.unflatten(2, k.shape[2:]), k], dim=1)
         v_l = torch.cat([hv.unflatten(2, values.shape[2:]), values], dim=1)
@@ -585,11 +593,31 @@ def _halo_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, sink_v
         k_l, v_l = k, values
     start = run.offsets[run.rank] - h
     slots = torch.arange(start, start + h + L, device=q.device)
-    if run.backend == "triton":  # the kernels take this rank's queries alone: the halo's are not computed
-        return _local_pass(run, t, step, step.stride, q, k_l, v_l, slots, h + L, sink_k, sink_v)
-    q_l = F.pad(q, (0, 0, 0, 0, h, 0))
-    out = _local_pass(run, t, step, step.stride, q_l, k_l, v_l, slots, h + L, sink_k, sink_v)
-    return out[:, h:]
+    if run.backend != "triton":
+        q_l = F.pad(q, (0, 0, 0, 0, h, 0))
+        return _local_pass(run, t, step, step.stride, q_l, k_l, v_l, slots, h + L, sink_k, sink_v)[:, h:], None
+    # the kernels take this rank's queries alone: the halo's are not computed
+    early = 0
+    if EARLY_HALOS and following is not None and following.kind == "halo" and run.rank + 1 < run.world:
+        early = following.halo[run.rank + 1]  # the rows of this output the next rank's next pass takes
+    if not 0 < early < L:
+        return _local_pass(run, t, step, step.stride, q, k_l, v_l, slots, h + L, sink_k, sink_v), None
+    tail = _local_pass(run, t, step, step.stride, q[:, L - early:], k_l, v_l, slots, h + L, sink_k, sink_v)
+    halo = _exchange_halo(run, following, k, tail)
+    P = h + L - early  # the other queries read no key past their own
+    head = _local_pass(run, t, step, step.stride, q[:, :L - early], k_l[:, :P], v_l[:, :P], slots[:P], P,
+                       sink_k, sink_v)
+    return torch.cat([head, tail], dim=1), halo
+
+
+def _exchange_halo(run: _Run, entry: PassPlan, k, values) -> torch.Tensor:
+    """Pass ``entry``'s halo exchange: this rank's last rows of k and of the pass's input
+    values (``values``: the slice's, or at least its last rows the next rank takes) to the
+    next rank, the previous rank's to this one. Returns what was received,
+    ``[B, halo, (Hkv + Hv) * D]``."""
+    nxt = entry.halo[run.rank + 1] if run.rank + 1 < run.world else 0
+    sent = torch.cat([x[:, x.shape[1] - nxt:].flatten(2) for x in (k, values)], dim=-1)  # only the rows sent
+    return _Halo.apply(sent, entry.halo[run.rank], run.group)
 
 
 def _regrouped_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, sink_v):
