@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tensorized_attention import distributed, tensorized_attn
+from tensorized_attention import tensorized_attn
 from tensorized_attention.distributed import (
     balanced_lengths,
     plan_sequence_parallel,
@@ -60,9 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shifts", default="0", metavar="S,...",
                    help="positions moved from the last rank's slice to rank 0's, one measurement each (a sweep of "
                         "the balance; the one-GPU operator is measured once per length)")
-    p.add_argument("--no-early-halos", action="store_true",
-                   help="a rank computes its whole pass before sending the next pass's halo "
-                        "(distributed.EARLY_HALOS off; to compare)")
     p.add_argument("--max-halo", type=float, default=None,
                    help="the operator's max_halo: a pass takes a halo only when no rank's halo exceeds this times "
                         "its slice (default: no limit)")
@@ -212,7 +209,6 @@ def run(args, on_row=None) -> dict | None:
         device = torch.device("cpu")
     dtype = DTYPES[args.dtype]
     timer = Timer(device)
-    distributed.EARLY_HALOS = not args.no_early_halos
     rows = []
     for N in lengths_of(args):
         if N % args.inner or N < world:
@@ -281,7 +277,7 @@ def _result(args, world, backend, device, rows) -> dict:
         "ranks": world, "process_group_backend": backend, "torch": torch.__version__,
         "dtype": args.dtype, "heads": args.heads, "kv_heads": args.kv_heads, "headdim": args.headdim,
         "batch": args.batch, "mode": args.mode, "iters": args.iters, "max_halo": args.max_halo,
-        "slices": args.slices, "early_halos": not args.no_early_halos, "rows": rows,
+        "slices": args.slices, "rows": rows,
     }
 
 
@@ -344,6 +340,7 @@ def main(argv=None) -> None:
     if result is not None:
         write(result)
         print(table(result), flush=True)
+    dist.barrier()  # together: a rank leaving while another still tears down can abort it
     dist.destroy_process_group()
 
 

@@ -114,6 +114,7 @@ def main(argv=None) -> dict | None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
+    dist.barrier()  # together: a rank leaving while another still tears down can abort it
     dist.destroy_process_group()
     return result
 

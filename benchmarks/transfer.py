@@ -91,6 +91,7 @@ def main(argv=None) -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
+    dist.barrier()  # together: a rank leaving while another still tears down can abort it
     dist.destroy_process_group()
 
 

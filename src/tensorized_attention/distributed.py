@@ -281,49 +281,70 @@ class _Broadcast(torch.autograd.Function):
         return grad, None
 
 
-class _Halo(torch.autograd.Function):
-    """Each rank sends ``x [B, send, F]`` (its last rows) to the next rank and receives the
-    previous rank's last ``recv`` rows; the backward sends the gradients of what was
-    received back, which become the gradient of x."""
+class _WithHalo(torch.autograd.Function):
+    """Keys and values with the previous rank's last ``h`` rows before this rank's own:
+    ``k [B, L, Hk, D]``, ``values [B, L, Hv, D]`` -> ``[B, h + L, *, D]`` each. Each rank
+    sends its last ``nxt`` rows of both to the next rank, which receives them straight into
+    its buffers (nothing is packed or concatenated). The backward sends the gradients of
+    the received rows back, and adds those the next rank sends to the last rows'."""
 
     @staticmethod
-    def forward(ctx, x, recv, group):
-        ctx.group, ctx.send = group, x.shape[1]
-        out = x.new_empty((x.shape[0], recv, x.shape[2]))
-        _exchange(group, out if recv else None, x if ctx.send else None, forward=True)
-        return out
+    def forward(ctx, k, values, h, nxt, group):
+        ctx.group, ctx.h, ctx.nxt = group, h, nxt
+        L = k.shape[1]
+        sent = [x[:, L - nxt:] for x in (k, values)] if nxt else None
+        if not h:
+            _exchange(group, None, sent, forward=True)
+            return k.view_as(k), values.view_as(values)
+        out = [x.new_empty((x.shape[0], h + L, *x.shape[2:])) for x in (k, values)]
+        for o, x in zip(out, (k, values), strict=True):
+            o[:, h:] = x  # queued before the receive's wait: it overlaps the transfer
+        _exchange(group, [o[:, :h] for o in out], sent, forward=True)
+        return tuple(out)
 
     @staticmethod
-    def backward(ctx, grad):
-        back = grad.new_empty((grad.shape[0], ctx.send, grad.shape[2]))
-        _exchange(ctx.group, back if ctx.send else None, grad if grad.shape[1] else None, forward=False)
-        return back, None, None
+    def backward(ctx, grad_k, grad_values):
+        h, nxt = ctx.h, ctx.nxt
+        grads = [g[:, h:].clone() if h else g.clone() for g in (grad_k, grad_values)]
+        back = [g.new_empty((g.shape[0], nxt, *g.shape[2:])) for g in grads] if nxt else None
+        _exchange(ctx.group, back, [g[:, :h] for g in (grad_k, grad_values)] if h else None, forward=False)
+        if nxt:
+            for g, b in zip(grads, back, strict=True):
+                g[:, g.shape[1] - nxt:] += b
+        return grads[0], grads[1], None, None, None
 
 
 _PENDING_SENDS: list = []  # this rank's forward halo sends in flight: waited for at the end of the call
 
 
-def _exchange(group, recv_buffer, send_tensor, *, forward: bool) -> None:
-    """Point to point between neighbours: forward, send to the next rank and receive from
-    the previous; backward, the other way. A rank that only sends in the forward does not
-    wait for it here: its computation goes on while the rows travel, and
-    :func:`_finish_sends` waits at the end of the call."""
+def _exchange(group, recv_buffers, send_tensors, *, forward: bool) -> None:
+    """Point to point between neighbours: forward, send ``send_tensors`` to the next rank
+    and receive ``recv_buffers`` (filled in place) from the previous; backward, the other
+    way (None: nothing). A rank that only sends in the forward does not wait for it here:
+    its computation goes on while the rows travel, and :func:`_finish_sends` waits at the
+    end of the call."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     to, frm = (rank + 1, rank - 1) if forward else (rank - 1, rank + 1)
-    ops = []
-    if send_tensor is not None and 0 <= to < world:
-        send_tensor = send_tensor.contiguous()
-        ops.append(dist.P2POp(dist.isend, send_tensor, dist.get_global_rank(group, to), group))
-    if recv_buffer is not None and 0 <= frm < world:
-        ops.append(dist.P2POp(dist.irecv, recv_buffer, dist.get_global_rank(group, frm), group))
+    ops, sent, copies = [], [], []
+    if send_tensors is not None and 0 <= to < world:
+        sent = [x.contiguous() for x in send_tensors]
+        ops += [dist.P2POp(dist.isend, x, dist.get_global_rank(group, to), group) for x in sent]
+    if recv_buffers is not None and 0 <= frm < world:
+        for buffer in recv_buffers:  # straight into the buffer where it is contiguous (batch 1)
+            target = buffer if buffer.is_contiguous() else torch.empty_like(buffer, memory_format=torch.contiguous_format)
+            if target is not buffer:
+                copies.append((buffer, target))
+            ops.append(dist.P2POp(dist.irecv, target, dist.get_global_rank(group, frm), group))
     if not ops:
         return
     requests = dist.batch_isend_irecv(ops)
-    if forward and len(ops) == 1 and ops[0].op is dist.isend:
-        _PENDING_SENDS.append((requests, send_tensor))
+    if forward and len(ops) == len(sent):
+        _PENDING_SENDS.append((requests, sent))
         return
     for request in requests:
         request.wait()
+    for buffer, target in copies:
+        buffer.copy_(target)
 
 
 def _finish_sends() -> None:
@@ -481,16 +502,14 @@ def sequence_parallel_tensorized_attn(
         sink_k = _Broadcast.apply(_sink_rows(k, sink_count, rank), group)
     steps = plan_passes(_used_shape(shape, N), order, mode, causal)
     values = v
-    received = None  # this pass's halo, when the previous pass exchanged it early
     for t, (step, entry) in enumerate(zip(steps, plan, strict=True)):
         sink_v = None
         if sink_count:
             sink_v = _Broadcast.apply(_sink_rows(values, sink_count, rank), group)
         if entry.kind == "all_to_all":
-            values, received = _regrouped_pass(run, t, step, entry, q, k, values, sink_k, sink_v), None
+            values = _regrouped_pass(run, t, step, entry, q, k, values, sink_k, sink_v)
         else:
-            following = plan[t + 1] if t + 1 < len(plan) else None
-            values, received = _halo_pass(run, t, step, entry, q, k, values, sink_k, sink_v, received, following)
+            values = _halo_pass(run, t, step, entry, q, k, values, sink_k, sink_v)
     _finish_sends()
     return values.to(q.dtype)
 
@@ -572,52 +591,22 @@ def _short(x) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-#: A rank computes first the rows of a pass's output that the next rank's next pass takes
-#: as its halo, and sends them before computing the rest (Triton backend): the next rank
-#: then waits for those rows only, not for this rank's whole pass.
-EARLY_HALOS = True
-
-
-def _halo_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, sink_v, received=None, following=None):
-    """A local pass, with the previous rank's last keys and values when it is a halo pass
-    (``received``: that halo when the previous pass exchanged it early). Returns the pass's
-    output and, when this pass exchanged the ``following`` pass's halo early, that halo."""
+def _halo_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, sink_v):
+    """A local pass, with the previous rank's last keys and values when it is a halo pass."""
     L = q.shape[1]
     h = entry.halo[run.rank]
     if entry.kind == "halo":
-        got = _exchange_halo(run, entry, k, values) if received is None else received
-        hk, hv = got.split([math.prod(k.shape[2:]), math.prod(values.shape[2:])], dim=-1)
-        k_l = torch.cat([hk.unflatten(2, k.shape[2:]), k], dim=1)
-        v_l = torch.cat([hv.unflatten(2, values.shape[2:]), values], dim=1)
+        nxt = entry.halo[run.rank + 1] if run.rank + 1 < run.world else 0
+        k_l, v_l = _WithHalo.apply(k, values, h, nxt, run.group)
     else:
         k_l, v_l = k, values
     start = run.offsets[run.rank] - h
     slots = torch.arange(start, start + h + L, device=q.device)
-    if run.backend != "triton":
-        q_l = F.pad(q, (0, 0, 0, 0, h, 0))
-        return _local_pass(run, t, step, step.stride, q_l, k_l, v_l, slots, h + L, sink_k, sink_v)[:, h:], None
-    # the kernels take this rank's queries alone: the halo's are not computed
-    early = 0
-    if EARLY_HALOS and following is not None and following.kind == "halo" and run.rank + 1 < run.world:
-        early = following.halo[run.rank + 1]  # the rows of this output the next rank's next pass takes
-    if not 0 < early < L:
-        return _local_pass(run, t, step, step.stride, q, k_l, v_l, slots, h + L, sink_k, sink_v), None
-    tail = _local_pass(run, t, step, step.stride, q[:, L - early:], k_l, v_l, slots, h + L, sink_k, sink_v)
-    halo = _exchange_halo(run, following, k, tail)
-    P = h + L - early  # the other queries read no key past their own
-    head = _local_pass(run, t, step, step.stride, q[:, :L - early], k_l[:, :P], v_l[:, :P], slots[:P], P,
-                       sink_k, sink_v)
-    return torch.cat([head, tail], dim=1), halo
-
-
-def _exchange_halo(run: _Run, entry: PassPlan, k, values) -> torch.Tensor:
-    """Pass ``entry``'s halo exchange: this rank's last rows of k and of the pass's input
-    values (``values``: the slice's, or at least its last rows the next rank takes) to the
-    next rank, the previous rank's to this one. Returns what was received,
-    ``[B, halo, (Hkv + Hv) * D]``."""
-    nxt = entry.halo[run.rank + 1] if run.rank + 1 < run.world else 0
-    sent = torch.cat([x[:, x.shape[1] - nxt:].flatten(2) for x in (k, values)], dim=-1)  # only the rows sent
-    return _Halo.apply(sent, entry.halo[run.rank], run.group)
+    if run.backend == "triton":  # the kernels take this rank's queries alone: the halo's are not computed
+        return _local_pass(run, t, step, step.stride, q, k_l, v_l, slots, h + L, sink_k, sink_v)
+    q_l = F.pad(q, (0, 0, 0, 0, h, 0))
+    out = _local_pass(run, t, step, step.stride, q_l, k_l, v_l, slots, h + L, sink_k, sink_v)
+    return out[:, h:]
 
 
 def _regrouped_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, sink_v):
