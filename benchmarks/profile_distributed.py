@@ -1,5 +1,6 @@
-"""Where each rank's time goes in a sequence-parallel forward: its kernels by device time
-(torch.profiler), beside the plain operator's on one device (rank 0).
+"""Where each rank's time goes in a sequence-parallel forward (or, with ``--backward``,
+forward + backward): its kernels by device time (torch.profiler), beside the plain
+operator's on one device (rank 0).
 
     torchrun --standalone --nproc-per-node 2 benchmarks/profile_distributed.py --tokens 1048576 --slices balanced
 
@@ -50,6 +51,17 @@ def profiled(fn, calls: int, cuda: bool, top: int) -> dict:
     return dict(wall_ms=wall_ms, busy_ms=busy, rows=rows)
 
 
+def _call(fn, inputs, backward: bool) -> None:
+    """``fn(*inputs)``, without gradients; with ``backward``, and the gradients of the inputs."""
+    if not backward:
+        with torch.no_grad():
+            fn(*inputs)
+        return
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+
 def main(argv=None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=1 << 20)
@@ -61,6 +73,7 @@ def main(argv=None) -> dict | None:
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--no-single", action="store_true", help="skip the plain operator on rank 0")
+    p.add_argument("--backward", action="store_true", help="profile forward + backward (gradients of q, k, v)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--out", default=None)
@@ -83,8 +96,7 @@ def main(argv=None) -> dict | None:
             for _ in range(2))
 
     def parallel():
-        with torch.no_grad():
-            sequence_parallel_tensorized_attn(q, k, v, shape)
+        _call(lambda *x: sequence_parallel_tensorized_attn(*x, shape), (q, k, v), args.backward)
 
     mine = dict(rank=rank, length=lengths[rank], **profiled(parallel, args.calls, cuda, args.top))
     every = [None] * world
@@ -96,8 +108,7 @@ def main(argv=None) -> dict | None:
                       for h in (args.heads, args.kv_heads, args.kv_heads))
 
         def plain():
-            with torch.no_grad():
-                tensorized_attn(qf, kf, vf, shape)
+            _call(lambda *x: tensorized_attn(*x, shape), (qf, kf, vf), args.backward)
 
         single = profiled(plain, args.calls, cuda, args.top)
     dist.barrier()
@@ -105,7 +116,7 @@ def main(argv=None) -> dict | None:
     if rank == 0:
         result = dict(command=" ".join([f"torchrun --nproc-per-node {world}", *sys.argv]),
                       device=torch.cuda.get_device_name(device) if cuda else "cpu", tokens=N, shape=list(shape),
-                      lengths=lengths, dtype=args.dtype, ranks=every, single=single)
+                      lengths=lengths, dtype=args.dtype, backward=args.backward, ranks=every, single=single)
         for r in every + ([dict(rank="single", length=N, **single)] if single else []):
             busy = "" if r["busy_ms"] is None else f", device busy {r['busy_ms']:.1f} ms"
             print(f"rank {r['rank']} ({r['length']} positions): {r['wall_ms']:.1f} ms per call{busy}")

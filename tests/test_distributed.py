@@ -303,14 +303,21 @@ def test_transfer_benchmark_runs_on_cpu(tmp_path):
     assert all(r["ms"] > 0 and r["gb_per_s"] > 0 for r in rows.values())
 
 
-def test_profile_benchmark_runs_on_cpu(tmp_path):
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_profile_benchmark_runs_on_cpu(tmp_path, backward):
     """benchmarks/profile_distributed.py under torchrun, 2 CPU ranks (gloo): each rank's
-    time and costliest operators, and the plain operator's on rank 0."""
+    time and costliest operators, and the plain operator's on rank 0, forward or forward +
+    backward."""
     import json
 
     out = tmp_path / "profile.json"
     _torchrun("profile_distributed.py", ["--tokens", "512", "--inner", "16", "--heads", "4", "--kv-heads", "2",
-                                         "--headdim", "16", "--dtype", "float32", "--calls", "1", "--out", str(out)])
+                                         "--headdim", "16", "--dtype", "float32", "--calls", "1", "--top", "40",
+                                         "--out", str(out)]
+              + ["--backward"] * backward)
     result = json.loads(out.read_text())
+    assert result["backward"] is backward
+    names = " ".join(row["name"] for r in result["ranks"] for row in r["rows"])
+    assert ("Backward" in names) is backward
     assert [r["rank"] for r in result["ranks"]] == [0, 1] and sum(result["lengths"]) == 512
     assert all(r["wall_ms"] > 0 and r["rows"] for r in result["ranks"]) and result["single"]["rows"]
