@@ -439,6 +439,7 @@ def _bwd_dkdv_kernel(
     lo, hi = _query_range(k0, n, A, BLOCK_M, BLOCK_N, COMPLETE, CAUSAL)
     first = tl.maximum(Q0 - r + s - 1, 0) // s  # the first slot of residue r that is a query
     lo = tl.maximum(lo, (first // BLOCK_M) * BLOCK_M)
+    hi = tl.minimum(hi, (N - r + s - 1) // s)  # past the last position of residue r: padding, no query
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
