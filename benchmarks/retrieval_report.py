@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 
+from tensorized_attention import passkey
 from tensorized_attention.study import ALL_CONFIGS, RETRIEVAL_CONFIGS
 
 REFERENCES = ("pilot", "window", "full-pi4")
@@ -106,8 +107,39 @@ def render(results: dict[str, dict]) -> str:
                 cells.append(f"{r['successes']}/{r['trials']} ({r['digits_right']:.0%}{prefers})")
             out.append(f"| {name} | " + " | ".join(cells) + " |")
     out += ["", "Heat maps (depth x length) of each run: `CONFIG/passkey/passkey.png` and",
-            "`CONFIG/multikey/passkey.png` beside the JSON.", "", *_targets(results)]
+            "`CONFIG/multikey/passkey.png` beside the JSON.", "", *_multikey_failures(run), *_targets(results)]
     return "\n".join(out) + "\n"
+
+
+def first_digit_failures(result: dict) -> tuple[int, int, int]:
+    """Of a multi-key run's failed trials: how many, how many have only the first digit
+    wrong, and of those how many answered with the first digit of another needle's key (the
+    needles each trial hid: ``passkey.multi_needles``)."""
+    failed = only_first = other_needle = 0
+    for t in result["trials"]:
+        if t["success"]:
+            continue
+        failed += 1
+        key, said = str(t["key"]).zfill(5), t["predicted"].strip()
+        if said[1:] == key[1:] and said[:1] != key[:1]:
+            only_first += 1
+            trial = passkey.Trial(t["length"], t["depth"], t["trial"], t["key"])
+            needles, asked = passkey.multi_needles(trial, result["keys"], result["seed"])
+            others = {str(k).zfill(5)[0] for i, (_, _, k) in enumerate(needles) if i != asked}
+            other_needle += said[:1] in others
+    return failed, only_first, other_needle
+
+
+def _multikey_failures(run) -> list[str]:
+    out = ["## Multi-key failures", "",
+           "Of each run's failed multi-key trials: those whose answer is wrong in its first digit alone (the",
+           "evaluation is teacher-forced), and of those, the ones whose first digit is another needle's.", "",
+           "| configuration | failed | only the first digit wrong | of which another needle's first digit |",
+           "|---|---:|---:|---:|"]
+    for name, v in run.items():
+        if v["multikey"]:
+            out.append(f"| {name} | " + " | ".join(map(str, first_digit_failures(v["multikey"]))) + " |")
+    return out + [""]
 
 
 def _targets(results) -> list[str]:

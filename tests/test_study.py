@@ -157,3 +157,29 @@ def test_retrieval_report_is_rebuilt_from_the_committed_json():
     met = "yes" if rate >= 0.9 and retrieval_report._rate(results["select-trained"], "passkey", 32768) >= 0.9 else "no"
     assert any(line.startswith("| select-trained: passkey >= 90% at 32k and 128k |") and line.endswith(f"| {met} |")
                for line in text.splitlines())
+
+
+def test_multikey_failures_count_first_digits_of_other_needles():
+    """retrieval_report.first_digit_failures: a failed trial counts as 'only the first digit
+    wrong' when the other four digits match, and as another needle's when that first digit
+    starts one of the other keys the trial hid."""
+    import sys
+    from pathlib import Path
+
+    from tensorized_attention import passkey
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import retrieval_report
+
+    trial = passkey.Trial(2048, 0.5, 0, 12345)
+    needles, asked = passkey.multi_needles(trial, 4, 0)
+    other = next(str(k).zfill(5)[0] for i, (_, _, k) in enumerate(needles) if i != asked and str(k).zfill(5)[0] != "1")
+    absent = next(d for d in "0123456789" if d not in {str(k).zfill(5)[0] for _, _, k in needles})
+
+    def row(predicted, success=False):
+        return {"length": 2048, "depth": 0.5, "trial": 0, "key": 12345, "predicted": " " + predicted,
+                "success": success}
+
+    result = {"keys": 4, "seed": 0, "trials": [row("12345", True), row(other + "2345"), row(absent + "2345"),
+                                               row("13345")]}
+    assert retrieval_report.first_digit_failures(result) == (3, 2, 1)
