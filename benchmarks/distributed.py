@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from process_group import join, leave
 
 from tensorized_attention import tensorized_attn
 from tensorized_attention.distributed import (
@@ -198,15 +198,7 @@ def context_parallel_sdpa(args, N, device, dtype, timer) -> dict:
 def run(args, on_row=None) -> dict | None:
     """Every length in turn; ``on_row(result so far)`` on rank 0 after each (the JSON is
     rewritten then, so a run stopped by a limit keeps what it measured)."""
-    backend = args.backend or ("nccl" if args.device == "cuda" else "gloo")
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if args.device == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    rank, world, device, backend = join(args.device, args.backend)
     dtype = DTYPES[args.dtype]
     timer = Timer(device)
     rows = []
@@ -340,8 +332,7 @@ def main(argv=None) -> None:
     if result is not None:
         write(result)
         print(table(result), flush=True)
-    dist.barrier()  # together: a rank leaving while another still tears down can abort it
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

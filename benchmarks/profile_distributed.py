@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import torch
 import torch.distributed as dist
+from process_group import join, leave
 
 from tensorized_attention import tensorized_attn
 from tensorized_attention.distributed import balanced_lengths, sequence_parallel_tensorized_attn
@@ -79,11 +79,7 @@ def main(argv=None) -> dict | None:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world, device, _ = join(args.device)
     N, dtype = args.tokens, DTYPES[args.dtype]
     shape = (N // args.inner, args.inner)
     if args.slices == "balanced":
@@ -125,8 +121,7 @@ def main(argv=None) -> dict | None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
-    dist.barrier()  # together: a rank leaving while another still tears down can abort it
-    dist.destroy_process_group()
+    leave()
     return result
 
 

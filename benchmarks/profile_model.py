@@ -71,11 +71,7 @@ def main(argv=None):
             return _cprofile(call, sync, args)
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=activities, with_stack=args.python) as prof:
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                call()
-            sync()
-            wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
+            wall_ms = _ms_per_step(call, sync, args.steps)
     events = prof.key_averages()
     rows = []
     for e in events:
@@ -103,21 +99,24 @@ def main(argv=None):
                            rows=rows), f, indent=1)
 
 
+def _ms_per_step(call, sync, steps: int) -> float:
+    """Wall milliseconds per call of ``steps`` calls (``sync`` waits for the device)."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        call()
+    sync()
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
 def _cprofile(call, sync, args) -> dict:
     import cProfile
     import io
     import pstats
 
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        call()
-    sync()
-    wall_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    wall_ms = _ms_per_step(call, sync, args.steps)
     profile = cProfile.Profile()
     profile.enable()
-    for _ in range(args.steps):
-        call()
-    sync()
+    _ms_per_step(call, sync, args.steps)
     profile.disable()
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.top)

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 
 import torch
 import torch.distributed as dist
+from process_group import join, leave
 
 
 def main(argv=None) -> None:
@@ -30,11 +30,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    rank, world, device, _ = join(args.device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     n = int(args.mib * 2**20) // 2
     buf = torch.randn(n, device=device).to(torch.bfloat16)
@@ -91,8 +87,7 @@ def main(argv=None) -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
-    dist.barrier()  # together: a rank leaving while another still tears down can abort it
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -86,10 +86,11 @@ def balanced_lengths(seqlen: int, world_size: int, shape: Sequence[int] | None =
                      order: Sequence[int] | None = None, causal: bool = True) -> list[int]:
     """Slice lengths (in rank order, each at least 1) that give every rank the same share of
     the passes' work: the keys its queries read, summed over the passes (a halo's keys are
-    read by the receiving rank's queries alone). Causal passes read more keys late in the sequence (a complete pass reads
-    ``min(n, p // s + 1)`` keys at position p), so equal slices leave the last rank the most
-    work; these lengths give the first ranks longer slices instead. Pass them as the ranks'
-    slices to :func:`sequence_parallel_tensorized_attn`."""
+    read by the receiving rank's queries alone). Causal passes read more keys late in the
+    sequence (a complete pass reads ``min(n, p // s + 1)`` keys at position p), so equal
+    slices leave the last rank the most work; these lengths give the first ranks longer
+    slices instead. Pass them as the ranks' slices to
+    :func:`sequence_parallel_tensorized_attn`."""
     from .ops.dispatch import _check_order
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -305,10 +306,11 @@ class _WithHalo(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_k, grad_values):
         h, nxt = ctx.h, ctx.nxt
-        grads = [g[:, h:].clone() if h else g.clone() for g in (grad_k, grad_values)]
+        grads = [g[:, h:] for g in (grad_k, grad_values)]
         back = [g.new_empty((g.shape[0], nxt, *g.shape[2:])) for g in grads] if nxt else None
         _exchange(ctx.group, back, [g[:, :h] for g in (grad_k, grad_values)] if h else None, forward=False)
-        if nxt:
+        if nxt:  # the next rank's gradients of the rows sent, added to a copy
+            grads = [g.clone() for g in grads]
             for g, b in zip(grads, back, strict=True):
                 g[:, g.shape[1] - nxt:] += b
         return grads[0], grads[1], None, None, None
