@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from process_group import join, leave
+from process_group import exit_at_once, join, leave
 
 from tensorized_attention import tensorized_attn
 from tensorized_attention.distributed import (
@@ -337,3 +337,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_at_once()

@@ -20,7 +20,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from process_group import join, leave
+from process_group import exit_at_once, join, leave
 
 from tensorized_attention import tensorized_attn
 from tensorized_attention.distributed import balanced_lengths, sequence_parallel_tensorized_attn
@@ -127,3 +127,4 @@ def main(argv=None) -> dict | None:
 
 if __name__ == "__main__":
     main()
+    exit_at_once()

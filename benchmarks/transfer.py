@@ -19,7 +19,7 @@ import time
 
 import torch
 import torch.distributed as dist
-from process_group import join, leave
+from process_group import exit_at_once, join, leave
 
 
 def main(argv=None) -> None:
@@ -92,3 +92,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_at_once()

@@ -252,6 +252,7 @@ def test_triton_backend_under_interpreter(world, cases, tmp_path, monkeypatch):
 
 def _torchrun(script: str, args: list[str]) -> None:
     """benchmarks/``script`` under torchrun on 2 CPU ranks (gloo); fails with its stderr."""
+    import os
     import shutil
     import subprocess
     import sys
@@ -263,7 +264,8 @@ def _torchrun(script: str, args: list[str]) -> None:
     path = Path(__file__).parents[1] / "benchmarks" / script
     cmd = [str(torchrun if torchrun.exists() else shutil.which("torchrun")), "--standalone", "--nproc-per-node", "2",
            str(path), "--device", "cpu", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}  # a rank that aborts prints where
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
