@@ -224,6 +224,9 @@ def test_needs_a_process_group():
 TRITON_CASES = [
     Case((5, 8), 40, mode="complete", gate="heads", positions="plain", dtype=torch.float32, backend="triton"),
     Case((4, 10), 40, (17, 23), mode="block", causal=False, gate="shared", dtype=torch.float32, backend="triton"),
+    # block causal: both passes halos (rank 1 starts inside a fiber of each), odd slices
+    Case((7, 5), 31, (14, 17), mode="block", gate="heads", positions="rotated", dtype=torch.float32,
+         backend="triton"),
 ]
 
 
@@ -235,8 +238,9 @@ TRITON_CASES_3 = [Case((3, 4, 4), 48, (17, 16, 15), mode="complete", gate="heads
 
 @pytest.mark.parametrize("world, cases", [(2, TRITON_CASES), (3, TRITON_CASES_3)], ids=["2-ranks", "3-ranks"])
 def test_triton_backend_under_interpreter(world, cases, tmp_path, monkeypatch):
-    """The passes on the Triton backend (one pass per call, on each rank's slots), run by
-    Triton's interpreter on the CPU, against the single-process reference."""
+    """The passes on the Triton backend (one pass per call, on each rank's slots; a halo
+    pass computes with the rank's own keys first and folds the halo's in after it arrives),
+    run by Triton's interpreter on the CPU, against the single-process reference."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned ranks
     results = _spawn(world, [(str(c), compare, (c,)) for c in cases], tmp_path)

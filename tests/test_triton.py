@@ -261,6 +261,45 @@ def test_queries_of_the_last_positions_match_oracle(case):
         assert _max_err(g, g_ref) < 1e-4 * (g_ref.abs().max().item() + 1)
 
 
+@pytest.mark.parametrize("case", SUFFIX_CASES, ids=lambda c: f"{c[0]}-N{c[1]}-from{c[2]}-{c[4]}")
+def test_split_pass_matches_oracle(case):
+    """A pass whose keys come in two parts (split_pass_triton: the queries' own keys, then,
+    after wait(), the earlier positions' keys folded in by log-sum-exp) equals the whole
+    pass at the queries' rows, gradients of both parts of k and v included. The earlier
+    keys hold NaN until wait() fills them: the first launch must not read them."""
+    from tensorized_attention.fold import strides
+    from tensorized_attention.ops.triton.launch import split_pass_triton
+
+    shape, N, first, causal, mode, dim, H, Hkv, gated = case
+    n, s = shape[dim], strides(shape)[dim]
+    local_shape = (-(-N // (n * s)), n, s)  # the pass along dim, as the middle dim of a 3-d fold
+    q = torch.randn(1, N - first, H, 16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(1, N, Hkv, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    gate = torch.rand(H, device=DEVICE, requires_grad=True) if gated else None
+    own_k, own_v = (x[:, first:].detach().clone().requires_grad_() for x in (k, v))
+    before_k, before_v = (torch.full_like(x[:, :first], float("nan")).requires_grad_() for x in (k, v))
+
+    def wait():
+        with torch.no_grad():
+            before_k.copy_(k[:, :first])
+            before_v.copy_(v[:, :first])
+
+    out = split_pass_triton(q, own_k, own_v, before_k, before_v, wait, local_shape, causal=causal, mode=mode,
+                            gate=gate, softmax_scale=0.25)
+    dout = torch.randn_like(out)
+    inputs = [q, own_k, own_v, before_k, before_v] + ([gate] if gated else [])
+    grads = torch.autograd.grad(out, inputs, dout)
+    grads = [grads[0], torch.cat([grads[3], grads[1]], 1), torch.cat([grads[4], grads[2]], 1), *grads[5:]]
+    q_ref = torch.cat([torch.zeros_like(q[:, :1]).expand(-1, first, -1, -1), q], 1).detach().requires_grad_()
+    ref = oracle(q_ref, k, v, shape, causal=causal, mode=mode, order=[dim], gate=None if gate is None else gate[:, None],
+                 softmax_scale=0.25)[:, first:]
+    refs = torch.autograd.grad(ref, [q_ref, k, v] + ([gate] if gated else []), dout.double())
+    refs = (refs[0][:, first:], *refs[1:])
+    assert _max_err(out, ref) < 1e-4
+    for name, g, g_ref in zip(("dq", "dk", "dv", "dgate"), grads, refs, strict=False):
+        assert _max_err(g, g_ref) < 1e-4 * (g_ref.abs().max().item() + 1), name
+
+
 def test_queries_of_the_last_positions_need_one_pass_without_sinks():
     q = torch.randn(1, 10, 2, 16, device=DEVICE)
     k = torch.randn(1, 12, 1, 16, device=DEVICE)

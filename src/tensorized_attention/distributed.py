@@ -21,6 +21,7 @@ trains under DDP / FSDP like the single-device one.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -305,26 +306,56 @@ class _WithHalo(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_k, grad_values):
-        h, nxt = ctx.h, ctx.nxt
-        grads = [g[:, h:] for g in (grad_k, grad_values)]
-        back = [g.new_empty((g.shape[0], nxt, *g.shape[2:])) for g in grads] if nxt else None
-        _exchange(ctx.group, back, [g[:, :h] for g in (grad_k, grad_values)] if h else None, forward=False)
-        if nxt:  # the next rank's gradients of the rows sent, added to a copy
-            grads = [g.clone() for g in grads]
-            for g, b in zip(grads, back, strict=True):
-                g[:, g.shape[1] - nxt:] += b
+        h = ctx.h
+        grads = _halo_backward(ctx.group, [g[:, h:] for g in (grad_k, grad_values)],
+                               [g[:, :h] for g in (grad_k, grad_values)], ctx.nxt)
         return grads[0], grads[1], None, None, None
+
+
+class _HaloApart(torch.autograd.Function):
+    """:class:`_WithHalo` with the halo apart: ``k, values -> (k, values, k_halo,
+    v_halo)``, the halo ``[B, h, *, D]`` in buffers of its own, and its receive left in
+    flight (a function that waits for it is appended to ``pending``), so that a rank can
+    compute with its own keys while the halo travels."""
+
+    @staticmethod
+    def forward(ctx, k, values, h, nxt, group, pending):
+        ctx.group, ctx.nxt = group, nxt
+        L = k.shape[1]
+        halo = [x.new_empty((x.shape[0], h, *x.shape[2:])) for x in (k, values)]
+        sent = [x[:, L - nxt:] for x in (k, values)] if nxt else None
+        _exchange(group, halo if h else None, sent, forward=True, pending=pending)
+        return k.view_as(k), values.view_as(values), *halo
+
+    @staticmethod
+    def backward(ctx, grad_k, grad_values, grad_k_halo, grad_v_halo):
+        grads = _halo_backward(ctx.group, [grad_k, grad_values], [grad_k_halo, grad_v_halo], ctx.nxt)
+        return grads[0], grads[1], None, None, None, None
+
+
+def _halo_backward(group, grads, halo_grads, nxt):
+    """The backward of a halo: the gradients of the received rows (``halo_grads``) go back
+    to the previous rank; the next rank's gradients of the ``nxt`` rows sent to it are
+    added to the last rows of ``grads`` (a copy)."""
+    back = [g.new_empty((g.shape[0], nxt, *g.shape[2:])) for g in grads] if nxt else None
+    _exchange(group, back, halo_grads if halo_grads[0].shape[1] else None, forward=False)
+    if nxt:
+        grads = [g.clone() for g in grads]
+        for g, b in zip(grads, back, strict=True):
+            g[:, g.shape[1] - nxt:] += b
+    return grads
 
 
 _PENDING_SENDS: list = []  # this rank's forward halo sends in flight: waited for at the end of the call
 
 
-def _exchange(group, recv_buffers, send_tensors, *, forward: bool) -> None:
+def _exchange(group, recv_buffers, send_tensors, *, forward: bool, pending: list | None = None) -> None:
     """Point to point between neighbours: forward, send ``send_tensors`` to the next rank
     and receive ``recv_buffers`` (filled in place) from the previous; backward, the other
     way (None: nothing). A rank that only sends in the forward does not wait for it here:
     its computation goes on while the rows travel, and :func:`_finish_sends` waits at the
-    end of the call."""
+    end of the call. ``pending``: nothing is waited for here either; a function that waits
+    (and fills the buffers) is appended to it."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     to, frm = (rank + 1, rank - 1) if forward else (rank - 1, rank + 1)
     ops, sent, copies = [], [], []
@@ -343,10 +374,17 @@ def _exchange(group, recv_buffers, send_tensors, *, forward: bool) -> None:
     if forward and len(ops) == len(sent):
         _PENDING_SENDS.append((requests, sent))
         return
-    for request in requests:
-        request.wait()
-    for buffer, target in copies:
-        buffer.copy_(target)
+
+    def finish():
+        for request in requests:
+            request.wait()
+        for buffer, target in copies:
+            buffer.copy_(target)
+
+    if pending is None:
+        finish()
+    else:
+        pending.append(finish)
 
 
 def _finish_sends() -> None:
@@ -594,21 +632,54 @@ def _short(x) -> str:
 
 
 def _halo_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, sink_v):
-    """A local pass, with the previous rank's last keys and values when it is a halo pass."""
+    """A local pass, with the previous rank's last keys and values when it is a halo pass
+    (the reference backend computes the halo's queries too, and drops their rows)."""
     L = q.shape[1]
     h = entry.halo[run.rank]
     if entry.kind == "halo":
         nxt = entry.halo[run.rank + 1] if run.rank + 1 < run.world else 0
-        k_l, v_l = _WithHalo.apply(k, values, h, nxt, run.group)
-    else:
-        k_l, v_l = k, values
+        if run.backend == "triton":
+            return _split_halo_pass(run, t, step, q, k, values, h, nxt)
+        k, values = _WithHalo.apply(k, values, h, nxt, run.group)
     start = run.offsets[run.rank] - h
     slots = torch.arange(start, start + h + L, device=q.device)
-    if run.backend == "triton":  # the kernels take this rank's queries alone: the halo's are not computed
-        return _local_pass(run, t, step, step.stride, q, k_l, v_l, slots, h + L, sink_k, sink_v)
-    q_l = F.pad(q, (0, 0, 0, 0, h, 0))
-    out = _local_pass(run, t, step, step.stride, q_l, k_l, v_l, slots, h + L, sink_k, sink_v)
+    q_l = F.pad(q, (0, 0, 0, 0, h, 0)) if h else q
+    out = _local_pass(run, t, step, step.stride, q_l, k, values, slots, h + L, sink_k, sink_v)
     return out[:, h:]
+
+
+def _split_halo_pass(run: _Run, t, step, q, k, values, h, nxt):
+    """A halo pass on the Triton backend (no sinks). This rank's last ``nxt`` rows of k and
+    the values go to the next rank; the previous rank's last ``h`` are received into
+    buffers of their own while the kernels attend this rank's queries to its own keys, and
+    their keys are then folded in by log-sum-exp (:func:`~.ops.triton.launch.split_pass_triton`):
+    the transfer overlaps the computation instead of holding it up. With rotary tensor
+    positions each rank rotates its q and k at the global fiber indices ``p // s`` first
+    (the keys it sends with them): a pass's scores depend only on the difference of the
+    indices of two positions of one residue, the same in every rank's frame."""
+    from .ops.triton.launch import split_pass_triton
+
+    L = q.shape[1]
+    o = run.offsets[run.rank]
+    n, s = step.size, step.stride
+    positions = run.positions
+    if positions is not None:
+        rows = torch.arange(o, o + L, device=q.device) // s
+        q, k = (rotate(x.transpose(1, 2), rows, positions.inv_freq, scale=positions.attention_scaling).transpose(1, 2)
+                for x in (q, k))
+        run = dataclasses.replace(run, positions=None)
+    pending: list = []
+    k, values, k_halo, v_halo = _HaloApart.apply(k, values, h, nxt, run.group, pending)
+    if not h:
+        return _local_pass(run, t, step, s, q, k, values, torch.arange(o, o + L, device=q.device), L, None, None)
+    gate = None if run.gate is None else run.gate[:, t].to(torch.float32).contiguous()
+
+    def wait():
+        for finish in pending:
+            finish()
+
+    return split_pass_triton(q, k, values, k_halo, v_halo, wait, (-(-(h + L) // (n * s)), n, s), causal=run.causal,
+                             mode=run.mode, gate=gate, softmax_scale=run.scale)
 
 
 def _regrouped_pass(run: _Run, t, step, entry: PassPlan, q, k, values, sink_k, sink_v):
@@ -671,9 +742,7 @@ def _owner(offsets: list[int], positions: torch.Tensor) -> torch.Tensor:
 
 def _local_pass(run: _Run, t, step, layout_stride, q_l, k_l, v_l, slots, real, sink_k, sink_v):
     """Pass ``step`` over this rank's slots (``real``: the prefix that holds positions);
-    returns ``[B, len(slots), H, D]`` (exact where every key of a slot is present). On the
-    Triton backend q_l may hold only the last rows' queries (a halo's slots): the result
-    then has those rows."""
+    returns ``[B, len(slots), H, D]`` (exact where every key of a slot is present)."""
     B, P, H, D = k_l.shape[0], k_l.shape[1], q_l.shape[2], q_l.shape[3]
     if real == 0:
         return q_l.new_zeros((B, P, H, D))
@@ -684,17 +753,9 @@ def _local_pass(run: _Run, t, step, layout_stride, q_l, k_l, v_l, slots, real, s
         from .ops.triton import tensorized_attn_triton
 
         local_shape = (-(-real // whole), n, layout_stride)
-        first = P - q_l.shape[1]  # slots before this are keys only
-        q_in, k_in, positions = q_l[:, :real - first], k_l[:, :real], run.positions
-        if positions is not None and first:  # rotated here, at the slots' fiber indices (the kernels' angles)
-            rows = torch.arange(real, device=q_l.device) // layout_stride
-            scale = positions.attention_scaling
-            q_in = rotate(q_in.transpose(1, 2), rows[first:], positions.inv_freq, scale=scale).transpose(1, 2)
-            k_in = rotate(k_in.transpose(1, 2), rows, positions.inv_freq, scale=scale).transpose(1, 2)
-            positions = None
-        out = tensorized_attn_triton(q_in, k_in, v_l[:, :real], local_shape, causal=run.causal,
+        out = tensorized_attn_triton(q_l[:, :real], k_l[:, :real], v_l[:, :real], local_shape, causal=run.causal,
                                      mode=run.mode, order=(1,), gate=None if gate is None else gate[:, None],
-                                     sinks=0, softmax_scale=run.scale, positions=positions)
+                                     sinks=0, softmax_scale=run.scale, positions=run.positions)
         return out if P == real else F.pad(out, (0, 0, 0, 0, 0, P - real))
     from .ops.reference import fold_pass_reference
 

@@ -95,15 +95,24 @@ def _pick(stack: torch.Tensor, t: int) -> torch.Tensor:
 
 
 def fwd_pass(q, k, src, dst, attn, lse, gate, t, n, s, A, *, causal, complete, sinks, scale, cfg=None,
-             sink_q=None, sink_k=None):
+             sink_q=None, sink_k=None, seqlen=None, key_start=0, prior=False):
     """Launch the forward of one pass (pass number ``t`` along a dimension of size ``n``
     and stride ``s``; ``A = prod(shape) / s``): reads q, k and the values ``src``, writes
     ``dst`` (and the attention output ``attn`` when given, gated passes), and ``lse``.
     The sinks are scored with ``sink_q`` (default q) against ``sink_k`` (default the first
     rows of k). q may hold fewer rows than k: the queries are then k's last positions
-    (q, dst, attn and lse hold their rows only; no sinks)."""
+    (q, dst, attn and lse hold their rows only; no sinks).
+
+    A split pass (no gate, no sinks): ``seqlen`` positions (default k's rows), the queries
+    the last ``q.shape[1]``, the keys only positions ``key_start .. key_start + k.shape[1] -
+    1`` (k and ``src`` hold their rows). ``prior``: dst and lse already hold the attention
+    over the pass's other keys, and this launch folds its keys into them."""
     B, NQ, H, D = q.shape
-    N = k.shape[1]
+    N = k.shape[1] if seqlen is None else seqlen
+    key_end = key_start + k.shape[1]
+    if (key_start or key_end != N or prior) and (gate is not None or sinks or attn is not None):
+        raise ValueError("a split pass (keys of some positions only, or folded into a prior result) takes no gate "
+                         "and no sinks")
     n_sinks, block_s = _sink_block(sinks, N)
     cfg = cfg or block_config(n, D, "fwd_contiguous" if s == 1 else "fwd")
     gate_arg = gate if gate is not None else lse
@@ -114,10 +123,11 @@ def fwd_pass(q, k, src, dst, attn, lse, gate, t, n, s, A, *, causal, complete, s
         q, k, src, dst, attn if attn is not None else dst, lse, gate_arg, sq, sk,
         *_strides(q), *_strides(k), *_strides(src), *_strides(dst), *_strides(sq), *_strides(sk),
         gate.stride(0) if gate is not None else 0, t,
-        N, N - NQ, H, B * H, A, n, s, n_sinks, scale * LOG2E,
+        N, N - NQ, key_start, key_end, H, B * H, A, n, s, n_sinks, scale * LOG2E,
         GROUP=H // k.shape[2], V_GROUP=H // src.shape[2], HEAD_DIM=D, BLOCK_S=block_s,
         COMPLETE=complete, CAUSAL=causal, HAS_GATE=gate is not None, HAS_SINKS=n_sinks > 0,
-        SINK_Q=sink_q is not None, STORE_ATTN=attn is not None, PRECISION=_precision(q.dtype), **cfg,
+        SINK_Q=sink_q is not None, STORE_ATTN=attn is not None, PRIOR=prior, PRECISION=_precision(q.dtype),
+        **cfg,
     )
 
 
@@ -308,6 +318,61 @@ def _backward(ctx, dout, _dvalues, _dattn, _dlse):
 triton_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _SplitPass(torch.autograd.Function):
+    """:func:`split_pass_triton` with autograd (its backward is ``triton_bwd`` over all the keys)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_before, v_before, gate, wait, shape, causal, complete, scale):
+        B, L, H, D = q.shape
+        h = k_before.shape[1]
+        n, s = shape[1], shape[2]
+        A = fold_size(shape) // s
+        attn = q.new_empty((B, L, H, D))
+        lse = torch.empty((1, B * H, L), dtype=torch.float32, device=q.device)
+        options = dict(causal=causal, complete=complete, sinks=0, scale=scale, seqlen=h + L)
+        fwd_pass(q, k, v, attn, None, lse[0], None, 0, n, s, A, key_start=h, **options)
+        wait()
+        fwd_pass(q, k_before, v_before, attn, None, lse[0], None, 0, n, s, A, prior=True, **options)
+        out = attn
+        if gate is not None:  # the kernels' epilogue, here: the attention must be whole first
+            g = gate.view(1, 1, H, 1)
+            residual = v.repeat_interleave(H // v.shape[2], 2) if v.shape[2] != H else v
+            out = (g * residual.to(torch.float32) + (1.0 - g) * attn.to(torch.float32)).to(q.dtype)
+        ctx.save_for_backward(q, k, v, k_before, v_before, gate, attn, lse)
+        ctx.options = (list(shape), causal, complete, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, k_before, v_before, gate, attn, lse = ctx.saved_tensors
+        shape, causal, complete, scale = ctx.options
+        h = k_before.shape[1]
+        k_all, v_all = torch.cat([k_before, k], 1), torch.cat([v_before, v], 1)
+        empty = q.new_empty((0,))
+        dq, dk, dv, dgate, _, _ = triton_bwd(
+            dout, q[None], k_all[None], v_all, None if gate is None else gate[:, None], None, None, attn, empty,
+            empty if gate is None else attn[None], lse, shape, [1], causal, complete, 0, scale)
+        dk = dk[0]
+        return (dq[0], dk[:, h:], dv[:, h:], dk[:, :h], dv[:, :h], None if gate is None else dgate[:, 0],
+                None, None, None, None, None)
+
+
+def split_pass_triton(q, k, v, k_before, v_before, wait, shape, *, causal, mode, gate, softmax_scale):
+    """One pass, order ``(1,)`` of the fold ``shape`` ``(rows, n, s)``, whose keys arrive in
+    two parts: the queries ``q [B, L, H, D]`` are the last L of ``h + L`` positions, ``k, v``
+    the keys and values at those same positions, ``k_before, v_before [B, h, *, D]`` those
+    of the h positions before. The first launch reads the queries' own keys; then ``wait()``
+    (e.g. for ``k_before`` and ``v_before`` to arrive) and a second launch folds the earlier
+    keys into its result by their log-sum-exp (query tiles that read none of them are left
+    alone). Equals :func:`tensorized_attn_triton` on the joined keys (one rounding more of
+    the attention output, in q's dtype). ``gate``: float32 ``[H]`` or None; no sinks, no
+    positions (rotate q and k first)."""
+    if any(x.stride(-1) != 1 for x in (q, k, v, k_before, v_before)):
+        raise ValueError("split_pass_triton needs q, k, v, k_before and v_before contiguous in their last dim")
+    return _SplitPass.apply(q, k, v, k_before, v_before, gate, wait, tuple(shape), causal, mode == "complete",
+                            float(softmax_scale))
+
+
 def tensorized_attn_triton(q, k, v, shape, *, causal, mode, order, gate, sinks, softmax_scale, positions=None,
                            return_values=False):
     """The Triton backend behind :func:`tensorized_attention.tensorized_attn`
@@ -372,4 +437,4 @@ def _rotated_per_pass(q, k, shape, order, sinks, positions):
     return qs, ks, sink_q, sink_k
 
 
-__all__ = ["tensorized_attn_triton", "triton_fwd", "triton_bwd", "fwd_pass", "block_config"]
+__all__ = ["tensorized_attn_triton", "split_pass_triton", "triton_fwd", "triton_bwd", "fwd_pass", "block_config"]
