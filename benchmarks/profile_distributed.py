@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -28,8 +29,9 @@ from tensorized_attention.distributed import balanced_lengths, sequence_parallel
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
-def profiled(fn, calls: int, cuda: bool, top: int) -> dict:
-    """Wall ms per call, busy ms per call and the top rows of ``calls`` calls of ``fn``."""
+def profiled(fn, calls: int, cuda: bool, top: int, trace: str | None = None) -> dict:
+    """Wall ms per call, busy ms per call and the top rows of ``calls`` calls of ``fn``
+    (``trace``: also write the profile's timeline there, a Chrome trace)."""
     for _ in range(2):
         fn()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -41,6 +43,8 @@ def profiled(fn, calls: int, cuda: bool, top: int) -> dict:
             fn()
         sync()
         wall_ms = (time.perf_counter() - start) * 1e3 / calls
+    if trace:
+        prof.export_chrome_trace(trace)
     events = prof.key_averages()
     device = [e for e in events if e.device_type != torch.autograd.DeviceType.CPU]
     key = (lambda e: -e.self_device_time_total) if cuda else (lambda e: -e.self_cpu_time_total)
@@ -77,6 +81,8 @@ def main(argv=None) -> dict | None:
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--out", default=None)
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="write each rank's timeline there (rank<r>.json, a Chrome trace: chrome://tracing, Perfetto)")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
     rank, world, device, _ = join(args.device)
@@ -94,7 +100,11 @@ def main(argv=None) -> dict | None:
     def parallel():
         _call(lambda *x: sequence_parallel_tensorized_attn(*x, shape), (q, k, v), args.backward)
 
-    mine = dict(rank=rank, length=lengths[rank], **profiled(parallel, args.calls, cuda, args.top))
+    trace = None
+    if args.trace:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
+        trace = str(Path(args.trace) / f"rank{rank}.json")
+    mine = dict(rank=rank, length=lengths[rank], **profiled(parallel, args.calls, cuda, args.top, trace))
     every = [None] * world
     dist.all_gather_object(every, mine)
     single = None

@@ -145,12 +145,16 @@ def _query_program(BH, H, A, s, BLOCK_M: tl.constexpr, RESIDUE_MAJOR: tl.constex
 @triton.jit
 def _fwd_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, offs_a, offs_d, d_ok, r,
               k_start, k_end, n, s, stride_kn, stride_vn, scale_log2,
-              BLOCK_N: tl.constexpr, COMPLETE: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_N: tl.constexpr, COMPLETE: tl.constexpr, CAUSAL: tl.constexpr, KEY_RANGE: tl.constexpr,
+              PRECISION: tl.constexpr):
     """One key tile of the online softmax (key slots start .. start + BLOCK_N - 1, residue r;
-    keys at positions k_start .. k_end - 1 only)."""
+    keys at positions k_start .. k_end - 1 only when KEY_RANGE, else below k_end)."""
     offs_k = start + tl.arange(0, BLOCK_N)
     pos_k = offs_k * s + r
-    k_ok = (offs_k < hi) & (pos_k < k_end) & (pos_k >= k_start)
+    if KEY_RANGE:
+        k_ok = (offs_k < hi) & (pos_k < k_end) & (pos_k >= k_start)
+    else:
+        k_ok = (offs_k < hi) & (pos_k < k_end) & (offs_k >= 0)
     kt = tl.load(k_base + pos_k.to(tl.int64)[:, None] * stride_kn + offs_d[None, :],
                  mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     vt = tl.load(v_base + pos_k.to(tl.int64)[:, None] * stride_vn + offs_d[None, :],
@@ -193,31 +197,36 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     COMPLETE: tl.constexpr, CAUSAL: tl.constexpr,
     HAS_GATE: tl.constexpr, HAS_SINKS: tl.constexpr, SINK_Q: tl.constexpr, STORE_ATTN: tl.constexpr,
-    PRIOR: tl.constexpr, PRECISION: tl.constexpr, RESIDUE_MAJOR: tl.constexpr,
+    KEY_RANGE: tl.constexpr, PRIOR: tl.constexpr, PRECISION: tl.constexpr, RESIDUE_MAJOR: tl.constexpr,
 ):
     """One pass. The sinks are scored with the queries SQ when SINK_Q (else Q) against the
     keys SK (rows 0 .. n_sinks - 1; SK is K itself unless the caller gives other sink keys).
     Only positions Q0 .. N - 1 are queries: Q, Out, Attn and Lse hold their rows (row
-    p - Q0). Only positions K_START .. K_END - 1 are keys: K and V hold their rows (row
-    p - K_START; 0 and N when every position is).
+    p - Q0). With KEY_RANGE only positions K_START .. K_END - 1 are keys: K and V hold
+    their rows (row p - K_START); else every position is (K_START = 0, K_END = N).
 
     PRIOR: Out and Lse already hold each query's attention over other keys (the keys of a
     split pass read by an earlier launch), and this launch folds its keys into them in
-    place; a query tile that reads none of its keys is left as it is. No gate, no sinks."""
+    place; a query tile that reads none of its keys is left as it is. KEY_RANGE and PRIOR
+    take no gate and no sinks."""
     bh, b, h, a0, r = _query_program(BH, H, A, s, BLOCK_M, RESIDUE_MAJOR)
     if a0 * s + r >= N or (a0 + BLOCK_M - 1) * s + r < Q0:
         return
-    lo, hi = _key_range(a0, n, A, BLOCK_M, BLOCK_N, COMPLETE, CAUSAL)
-    lo = tl.maximum(lo, ((K_START - r + s - 1) // s // BLOCK_N) * BLOCK_N)  # the first slot at or after K_START
-    hi = tl.minimum(hi, (K_END - r + s - 1) // s)  # the first slot at or after K_END
-    if PRIOR:
-        if lo >= hi:
-            return
+    if KEY_RANGE:
+        lo, hi = _key_range(a0, n, A, BLOCK_M, BLOCK_N, COMPLETE, CAUSAL)
+        lo = tl.maximum(lo, ((K_START - r + s - 1) // s // BLOCK_N) * BLOCK_N)  # the first slot at or after K_START
+        hi = tl.minimum(hi, (K_END - r + s - 1) // s)  # the first slot at or after K_END
+        if PRIOR:
+            if lo >= hi:
+                return
     hk = h // GROUP
     hv = h // V_GROUP
     q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh - K_START * stride_kn
-    v_base = V + b.to(tl.int64) * stride_vb + hv * stride_vh - K_START * stride_vn
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hv * stride_vh
+    if KEY_RANGE:
+        k_base -= K_START.to(tl.int64) * stride_kn
+        v_base -= K_START.to(tl.int64) * stride_vn
 
     offs_a = a0 + tl.arange(0, BLOCK_M)
     pos_q = offs_a * s + r
@@ -228,22 +237,22 @@ def _fwd_kernel(
     q = tl.load(q_base + row_q.to(tl.int64)[:, None] * stride_qn + offs_d[None, :],
                 mask=q_ok[:, None] & d_ok[None, :], other=0.0)
 
-    out_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + row_q.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
-    io_mask = q_ok[:, None] & d_ok[None, :]
-    lse_ptrs = Lse + bh.to(tl.int64) * (N - Q0) + row_q
     if PRIOR:  # the earlier launch's normalized output and base-2 log-sum-exp: m = lse, l = 1
-        m_i = tl.load(lse_ptrs, mask=q_ok, other=float("-inf"))
+        m_i = tl.load(Lse + bh.to(tl.int64) * (N - Q0) + row_q, mask=q_ok, other=float("-inf"))
         l_i = tl.where(m_i == float("-inf"), 0.0, 1.0)
-        acc = tl.load(out_ptrs, mask=io_mask, other=0.0).to(tl.float32)
+        acc = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + row_q.to(tl.int64)[:, None] * stride_on
+                      + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
+    if not KEY_RANGE:
+        lo, hi = _key_range(a0, n, A, BLOCK_M, BLOCK_N, COMPLETE, CAUSAL)
     for start in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(q, acc, m_i, l_i, k_base, v_base, start, hi, offs_a, offs_d, d_ok, r,
                                   K_START, K_END, n, s, stride_kn, stride_vn, scale_log2, BLOCK_N, COMPLETE, CAUSAL,
-                                  PRECISION)
+                                  KEY_RANGE, PRECISION)
 
     # the sinks last: with their own queries (SINK_Q), q is no longer live when those are loaded
     if HAS_SINKS:
@@ -256,7 +265,9 @@ def _fwd_kernel(
     # rows past seqlen read nothing (l = 0): give them 1 so nothing divides by zero
     l_i = tl.where(q_ok, l_i, 1.0)
     attn = acc / l_i[:, None]
-    tl.store(lse_ptrs, m_i + tl.math.log2(l_i), mask=q_ok)
+    tl.store(Lse + bh.to(tl.int64) * (N - Q0) + row_q, m_i + tl.math.log2(l_i), mask=q_ok)
+    out_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + row_q.to(tl.int64)[:, None] * stride_on + offs_d[None, :]
+    io_mask = q_ok[:, None] & d_ok[None, :]
     if HAS_GATE:
         g = tl.load(Gate + h * stride_gh + gate_col).to(tl.float32)
         v_in = tl.load(v_base + pos_q.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=io_mask, other=0.0)

@@ -110,7 +110,8 @@ def fwd_pass(q, k, src, dst, attn, lse, gate, t, n, s, A, *, causal, complete, s
     B, NQ, H, D = q.shape
     N = k.shape[1] if seqlen is None else seqlen
     key_end = key_start + k.shape[1]
-    if (key_start or key_end != N or prior) and (gate is not None or sinks or attn is not None):
+    key_range = bool(key_start or key_end != N or prior)
+    if key_range and (gate is not None or sinks or attn is not None):
         raise ValueError("a split pass (keys of some positions only, or folded into a prior result) takes no gate "
                          "and no sinks")
     n_sinks, block_s = _sink_block(sinks, N)
@@ -126,7 +127,8 @@ def fwd_pass(q, k, src, dst, attn, lse, gate, t, n, s, A, *, causal, complete, s
         N, N - NQ, key_start, key_end, H, B * H, A, n, s, n_sinks, scale * LOG2E,
         GROUP=H // k.shape[2], V_GROUP=H // src.shape[2], HEAD_DIM=D, BLOCK_S=block_s,
         COMPLETE=complete, CAUSAL=causal, HAS_GATE=gate is not None, HAS_SINKS=n_sinks > 0,
-        SINK_Q=sink_q is not None, STORE_ATTN=attn is not None, PRIOR=prior, PRECISION=_precision(q.dtype),
+        SINK_Q=sink_q is not None, STORE_ATTN=attn is not None, KEY_RANGE=key_range, PRIOR=prior,
+        PRECISION=_precision(q.dtype),
         **cfg,
     )
 
