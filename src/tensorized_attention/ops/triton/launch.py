@@ -328,13 +328,18 @@ class _SplitPass(torch.autograd.Function):
         B, L, H, D = q.shape
         h = k_before.shape[1]
         n, s = shape[1], shape[2]
-        A = fold_size(shape) // s
+        # complete: the launches' frame starts `lead` positions before the keys, so that the
+        # first query starts a tile of every residue (a window depends on differences of
+        # positions alone); block fibers are aligned chunks: no lead
+        lead = -h % (block_config(n, D, "fwd_contiguous" if s == 1 else "fwd")["BLOCK_M"] * s) if complete else 0
+        N = lead + h + L
+        A = -(-N // (n * s)) * n
         attn = q.new_empty((B, L, H, D))
         lse = torch.empty((1, B * H, L), dtype=torch.float32, device=q.device)
-        options = dict(causal=causal, complete=complete, sinks=0, scale=scale, seqlen=h + L)
-        fwd_pass(q, k, v, attn, None, lse[0], None, 0, n, s, A, key_start=h, **options)
+        options = dict(causal=causal, complete=complete, sinks=0, scale=scale, seqlen=N)
+        fwd_pass(q, k, v, attn, None, lse[0], None, 0, n, s, A, key_start=lead + h, **options)
         wait()
-        fwd_pass(q, k_before, v_before, attn, None, lse[0], None, 0, n, s, A, prior=True, **options)
+        fwd_pass(q, k_before, v_before, attn, None, lse[0], None, 0, n, s, A, key_start=lead, prior=True, **options)
         out = attn
         if gate is not None:  # the kernels' epilogue, here: the attention must be whole first
             g = gate.view(1, 1, H, 1)
