@@ -74,6 +74,7 @@ def main(argv=None) -> dict | None:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--headdim", type=int, default=128)
     p.add_argument("--slices", choices=("equal", "balanced"), default="balanced")
+    p.add_argument("--shift", type=int, default=0, help="positions moved from the last rank's slice to rank 0's")
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--top", type=int, default=12)
     p.add_argument("--no-single", action="store_true", help="skip the plain operator on rank 0")
@@ -92,6 +93,10 @@ def main(argv=None) -> dict | None:
         lengths = balanced_lengths(N, world, shape)
     else:
         lengths = [N // world + (r < N % world) for r in range(world)]
+    lengths[0] += args.shift
+    lengths[-1] -= args.shift
+    if min(lengths) < 1:
+        raise SystemExit(f"--shift {args.shift} leaves a rank without positions: {lengths}")
     g = torch.Generator(device=device).manual_seed(rank)
     q = torch.randn(1, lengths[rank], args.heads, args.headdim, generator=g, device=device, dtype=dtype)
     k, v = (torch.randn(1, lengths[rank], args.kv_heads, args.headdim, generator=g, device=device, dtype=dtype)

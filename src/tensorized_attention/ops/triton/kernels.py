@@ -180,7 +180,7 @@ def _online_softmax(acc, m_i, l_i, scores, vt, PRECISION: tl.constexpr):
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K_START"])  # a runtime int even when 1 (converted to int64 below)
 def _fwd_kernel(
     Q, K, V, Out, Attn, Lse, Gate, SQ, SK,
     stride_qb, stride_qn, stride_qh,
