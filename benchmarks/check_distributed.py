@@ -39,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--headdim", type=int, default=128)
     p.add_argument("--mode", choices=("complete", "block"), default="complete")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    p.add_argument("--align", type=int, default=1, help="with --slices balanced: balanced_lengths' align")
     p.add_argument("--slices", choices=("equal", "balanced"), default="balanced")
     p.add_argument("--shift", type=int, default=0, help="positions moved from the last rank's slice to rank 0's")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
     rank, world, device, backend = join(args.device, args.backend)
     dtype, N = DTYPES[args.dtype], args.tokens
     shape = (N // args.inner, args.inner)
-    lengths = balanced_lengths(N, world, shape, mode=args.mode) if args.slices == "balanced" else \
+    lengths = balanced_lengths(N, world, shape, mode=args.mode, align=args.align) if args.slices == "balanced" else \
         [N // world + (r < N % world) for r in range(world)]
     lengths[0] += args.shift
     lengths[-1] -= args.shift

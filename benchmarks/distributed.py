@@ -57,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-single", action="store_true", help="skip the one-GPU operator (P = 1)")
     p.add_argument("--slices", choices=("equal", "balanced"), default="equal",
                    help="the ranks' slices: equal lengths, or distributed.balanced_lengths (the same work per rank)")
+    p.add_argument("--align", type=int, default=1,
+                   help="with --slices balanced: cut the slices at multiples of this (balanced_lengths' align)")
     p.add_argument("--shifts", default="0", metavar="S,...",
                    help="positions moved from the last rank's slice to rank 0's, one measurement each (a sweep of "
                         "the balance; the one-GPU operator is measured once per length)")
@@ -207,7 +209,7 @@ def run(args, on_row=None) -> dict | None:
             raise SystemExit(f"--inner ({args.inner}) must divide every length (got {N}), each >= the ranks")
         shape = (N // args.inner, args.inner)
         if args.slices == "balanced":
-            base_lengths = balanced_lengths(N, world, shape, mode=args.mode)
+            base_lengths = balanced_lengths(N, world, shape, mode=args.mode, align=args.align)
         else:
             base, extra = divmod(N, world)
             base_lengths = [base + (r < extra) for r in range(world)]
@@ -269,7 +271,7 @@ def _result(args, world, backend, device, rows) -> dict:
         "ranks": world, "process_group_backend": backend, "torch": torch.__version__,
         "dtype": args.dtype, "heads": args.heads, "kv_heads": args.kv_heads, "headdim": args.headdim,
         "batch": args.batch, "mode": args.mode, "iters": args.iters, "max_halo": args.max_halo,
-        "slices": args.slices, "rows": rows,
+        "slices": args.slices, "align": args.align, "rows": rows,
     }
 
 

@@ -73,6 +73,7 @@ def main(argv=None) -> dict | None:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--headdim", type=int, default=128)
+    p.add_argument("--align", type=int, default=1, help="with --slices balanced: balanced_lengths' align")
     p.add_argument("--slices", choices=("equal", "balanced"), default="balanced")
     p.add_argument("--shift", type=int, default=0, help="positions moved from the last rank's slice to rank 0's")
     p.add_argument("--calls", type=int, default=3)
@@ -90,7 +91,7 @@ def main(argv=None) -> dict | None:
     N, dtype = args.tokens, DTYPES[args.dtype]
     shape = (N // args.inner, args.inner)
     if args.slices == "balanced":
-        lengths = balanced_lengths(N, world, shape)
+        lengths = balanced_lengths(N, world, shape, align=args.align)
     else:
         lengths = [N // world + (r < N % world) for r in range(world)]
     lengths[0] += args.shift

@@ -202,6 +202,21 @@ def test_balanced_lengths_share_the_work(shape, N, world, mode, causal):
         assert lengths == sorted(lengths, reverse=True) and lengths[0] > lengths[-1]
 
 
+def test_balanced_lengths_align_moves_each_cut_to_the_nearest_multiple():
+    from tensorized_attention.distributed import balanced_lengths
+
+    N, shape = 1 << 20, (4096, 256)
+    assert balanced_lengths(N, 2, shape) == [723595, 324981]
+    assert balanced_lengths(N, 2, shape, align=32768) == [720896, 327680]  # 723 595 / 32 768 = 22.08
+    for world in (2, 3, 5):
+        plain = balanced_lengths(N, world, shape)
+        aligned = balanced_lengths(N, world, shape, align=4096)
+        cuts, plain_cuts = torch.tensor(aligned[:-1]).cumsum(0), torch.tensor(plain[:-1]).cumsum(0)
+        assert sum(aligned) == N and bool((cuts % 4096 == 0).all())
+        assert bool(((cuts - plain_cuts).abs() <= 2048).all())
+    assert balanced_lengths(6, 3, (3, 2), align=8) == balanced_lengths(6, 3, (3, 2))  # no multiple fits: cuts stay
+
+
 def test_balanced_lengths_rejects_bad_input():
     from tensorized_attention.distributed import balanced_lengths
 
@@ -211,6 +226,8 @@ def test_balanced_lengths_rejects_bad_input():
         balanced_lengths(8, 0)
     with pytest.raises(ValueError, match="mode"):
         balanced_lengths(8, 2, (4, 2), mode="ring")
+    with pytest.raises(ValueError, match="align must be an int >= 1"):
+        balanced_lengths(8, 2, (4, 2), align=0)
 
 
 def test_needs_a_process_group():

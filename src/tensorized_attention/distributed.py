@@ -84,20 +84,28 @@ def _split(seqlen: int, world_size: int) -> list[int]:
 
 
 def balanced_lengths(seqlen: int, world_size: int, shape: Sequence[int] | None = None, *, mode: str | None = None,
-                     order: Sequence[int] | None = None, causal: bool = True) -> list[int]:
+                     order: Sequence[int] | None = None, causal: bool = True, align: int = 1) -> list[int]:
     """Slice lengths (in rank order, each at least 1) that give every rank the same share of
     the passes' work: the keys its queries read, summed over the passes (a halo's keys are
     read by the receiving rank's queries alone). Causal passes read more keys late in the
     sequence (a complete pass reads ``min(n, p // s + 1)`` keys at position p), so equal
     slices leave the last rank the most work; these lengths give the first ranks longer
     slices instead. Pass them as the ranks' slices to
-    :func:`sequence_parallel_tensorized_attn`."""
+    :func:`sequence_parallel_tensorized_attn`.
+
+    ``align``: each slice boundary is moved to the nearest multiple of it (when that leaves
+    every rank a position). The kernels compute a strided pass in tiles of rows of one
+    residue, and a tile costs as much as its longest row whatever rows it holds: with
+    ``align`` = the forward's query tile (128 rows on an H100) times the coarsest pass's
+    stride, each rank's rows of that pass fill whole tiles (docs/distributed.md)."""
     from .ops.dispatch import _check_order
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < world_size:
         raise ValueError(f"seqlen must be an int >= world_size ({world_size}), got {seqlen!r}")
+    if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+        raise ValueError(f"align must be an int >= 1, got {align!r}")
     shape = check_shape(choose_shape(seqlen) if shape is None else shape, seqlen)
     mode = mode or ("complete" if causal else "block")
     if mode not in MODES:
@@ -117,7 +125,11 @@ def balanced_lengths(seqlen: int, world_size: int, shape: Sequence[int] | None =
     cuts = torch.searchsorted(cumulative, targets).tolist()  # the last position of each rank but the last
     bounds = [0]
     for r, cut in enumerate(cuts):  # each rank keeps at least one position
-        bounds.append(min(max(cut + 1, bounds[-1] + 1), seqlen - (world_size - 1 - r)))
+        bound = cut + 1
+        aligned = (bound + align // 2) // align * align
+        lowest, highest = bounds[-1] + 1, seqlen - (world_size - 1 - r)
+        bound = aligned if lowest <= aligned <= highest else bound
+        bounds.append(min(max(bound, lowest), highest))
     bounds.append(seqlen)
     return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
 
