@@ -344,3 +344,20 @@ def test_profile_benchmark_runs_on_cpu(tmp_path, backward):
     assert ("Backward" in names) is backward
     assert [r["rank"] for r in result["ranks"]] == [0, 1] and sum(result["lengths"]) == 512
     assert all(r["wall_ms"] > 0 and r["rows"] for r in result["ranks"]) and result["single"]["rows"]
+
+
+def test_check_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/check_distributed.py under torchrun, 2 CPU ranks (gloo): the gathered
+    output and gradients match one process's on the same inputs (float32), on aligned
+    slices shifted off balance."""
+    import json
+
+    out = tmp_path / "check.json"
+    _torchrun("check_distributed.py", ["--tokens", "512", "--inner", "16", "--heads", "4", "--kv-heads", "2",
+                                       "--headdim", "16", "--dtype", "float32", "--align", "64", "--shift", "-64",
+                                       "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert sum(result["lengths"]) == 512 and result["lengths"][0] % 64 == 0
+    assert set(result["tensors"]) == {"out", "dq", "dk", "dv"}
+    for row in result["tensors"].values():
+        assert row["max_abs_reference"] > 0.1 and row["max_abs_diff"] <= 1e-5 * row["max_abs_reference"]
