@@ -5,8 +5,10 @@ grouped-query attention (kv heads read in place), padding (positions >= seqlen a
 masked, never copied), a per-head gate applied in the epilogue, attention sinks,
 float16 / bfloat16 / float32, head dims up to 256 (padded to a power of two in
 registers); with rotary tensor positions, the caller's rotated q and k of each pass and
-the sinks' own queries and keys. Tested under TRITON_INTERPRET=1 on the CPU and on
-Hopper GPUs (see docs/benchmarks.md).
+the sinks' own queries and keys; and a pass split into two launches over two ranges of
+keys, the second folding its keys into the first's output (a rank of the sequence-parallel
+operator, whose earlier keys arrive from another rank meanwhile). Tested under
+TRITON_INTERPRET=1 on the CPU and on Hopper GPUs (see docs/benchmarks.md).
 
 How a pass is tiled. A pass along a fold dimension of size ``n`` and stride ``s``
 splits positions ``p = a * s + r`` by residue ``r = p mod s``: for one residue the
