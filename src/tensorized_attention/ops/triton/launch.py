@@ -342,9 +342,10 @@ class _SplitPass(torch.autograd.Function):
         fwd_pass(q, k_before, v_before, attn, None, lse[0], None, 0, n, s, A, key_start=lead, prior=True, **options)
         out = attn
         if gate is not None:  # the kernels' epilogue, here: the attention must be whole first
-            g = gate.view(1, 1, H, 1)
-            residual = v.repeat_interleave(H // v.shape[2], 2) if v.shape[2] != H else v
-            out = (g * residual.to(torch.float32) + (1.0 - g) * attn.to(torch.float32)).to(q.dtype)
+            Hv = v.shape[2]  # query head h takes value head h // (H // Hv): broadcast, not copied
+            g = gate.view(1, 1, Hv, H // Hv, 1)
+            out = (g * v[:, :, :, None].to(torch.float32)
+                   + (1.0 - g) * attn.view(B, L, Hv, H // Hv, D).to(torch.float32)).view(B, L, H, D).to(q.dtype)
         ctx.save_for_backward(q, k, v, k_before, v_before, gate, attn, lse)
         ctx.options = (list(shape), causal, complete, scale)
         return out
