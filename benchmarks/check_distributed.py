@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from process_group import exit_at_once, join, leave
+from process_group import exit_at_once, join, leave, slice_lengths
 
 from tensorized_attention import tensorized_attn
-from tensorized_attention.distributed import balanced_lengths, sequence_parallel_tensorized_attn
+from tensorized_attention.distributed import sequence_parallel_tensorized_attn
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 NAMES = ("out", "dq", "dk", "dv")
@@ -58,12 +58,7 @@ def main(argv=None) -> None:
     rank, world, device, backend = join(args.device, args.backend)
     dtype, N = DTYPES[args.dtype], args.tokens
     shape = (N // args.inner, args.inner)
-    lengths = balanced_lengths(N, world, shape, mode=args.mode, align=args.align) if args.slices == "balanced" else \
-        [N // world + (r < N % world) for r in range(world)]
-    lengths[0] += args.shift
-    lengths[-1] -= args.shift
-    if min(lengths) < 1:
-        raise SystemExit(f"--shift {args.shift} leaves a rank without positions: {lengths}")
+    lengths = slice_lengths(N, world, shape, slices=args.slices, mode=args.mode, align=args.align, shift=args.shift)
     start, L = sum(lengths[:rank]), lengths[rank]
     g = torch.Generator(device=device).manual_seed(0)
     H, Hkv, D = args.heads, args.kv_heads, args.headdim

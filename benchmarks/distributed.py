@@ -28,14 +28,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from process_group import exit_at_once, join, leave
+from process_group import exit_at_once, join, leave, slice_lengths
 
 from tensorized_attention import tensorized_attn
-from tensorized_attention.distributed import (
-    balanced_lengths,
-    plan_sequence_parallel,
-    sequence_parallel_tensorized_attn,
-)
+from tensorized_attention.distributed import plan_sequence_parallel, sequence_parallel_tensorized_attn
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -208,19 +204,9 @@ def run(args, on_row=None) -> dict | None:
         if N % args.inner or N < world:
             raise SystemExit(f"--inner ({args.inner}) must divide every length (got {N}), each >= the ranks")
         shape = (N // args.inner, args.inner)
-        if args.slices == "balanced":
-            base_lengths = balanced_lengths(N, world, shape, mode=args.mode, align=args.align)
-        else:
-            base, extra = divmod(N, world)
-            base_lengths = [base + (r < extra) for r in range(world)]
         single = None
         for shift in args.shifts:
-            lengths = list(base_lengths)
-            lengths[0] += shift
-            lengths[-1] -= shift
-            if min(lengths) < 1 or (world == 1 and shift):
-                raise SystemExit(f"--shifts: {shift} on slices {base_lengths} of {world} ranks leaves no position on "
-                                 f"one, or moves positions within one rank")
+            lengths = slice_lengths(N, world, shape, slices=args.slices, mode=args.mode, align=args.align, shift=shift)
             row = _parallel_row(args, N, shape, lengths, rank, world, device, dtype, timer)
             row["shift"] = shift
             if shift == args.shifts[0] and not args.no_single:  # every rank takes part (rank 0 measures)

@@ -1,5 +1,6 @@
-"""Joining and leaving the torchrun process group, for the benchmarks run on several ranks
-(distributed.py, profile_distributed.py, transfer.py)."""
+"""Joining and leaving the torchrun process group, and the ranks' slices of the sequence,
+for the benchmarks run on several ranks (distributed.py, profile_distributed.py,
+check_distributed.py, transfer.py)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,25 @@ def join(device: str, backend: str | None = None) -> tuple[int, int, torch.devic
     local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     torch.cuda.set_device(local)
     return rank, world, local, backend
+
+
+def slice_lengths(N: int, world: int, shape, *, slices: str, mode: str = "complete", align: int = 1,
+                  shift: int = 0) -> list[int]:
+    """The ranks' slice lengths: ``slices="equal"`` (the first ranks one longer where N does
+    not divide) or ``"balanced"`` (``balanced_lengths`` with ``align``), then ``shift``
+    positions moved from the last rank's slice to rank 0's (negative: the other way)."""
+    from tensorized_attention.distributed import balanced_lengths
+
+    if slices == "balanced":
+        lengths = balanced_lengths(N, world, shape, mode=mode, align=align)
+    else:
+        lengths = [N // world + (r < N % world) for r in range(world)]
+    if shift and (world == 1 or min(lengths[0] + shift, lengths[-1] - shift) < 1):
+        raise SystemExit(f"shift {shift} on the slices {lengths} of {world} ranks leaves a rank without positions, "
+                         f"or moves positions within one rank")
+    lengths[0] += shift
+    lengths[-1] -= shift
+    return lengths
 
 
 def leave() -> None:

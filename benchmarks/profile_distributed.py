@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from process_group import exit_at_once, join, leave
+from process_group import exit_at_once, join, leave, slice_lengths
 
 from tensorized_attention import tensorized_attn
-from tensorized_attention.distributed import balanced_lengths, sequence_parallel_tensorized_attn
+from tensorized_attention.distributed import sequence_parallel_tensorized_attn
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -90,14 +90,7 @@ def main(argv=None) -> dict | None:
     rank, world, device, _ = join(args.device)
     N, dtype = args.tokens, DTYPES[args.dtype]
     shape = (N // args.inner, args.inner)
-    if args.slices == "balanced":
-        lengths = balanced_lengths(N, world, shape, align=args.align)
-    else:
-        lengths = [N // world + (r < N % world) for r in range(world)]
-    lengths[0] += args.shift
-    lengths[-1] -= args.shift
-    if min(lengths) < 1:
-        raise SystemExit(f"--shift {args.shift} leaves a rank without positions: {lengths}")
+    lengths = slice_lengths(N, world, shape, slices=args.slices, align=args.align, shift=args.shift)
     g = torch.Generator(device=device).manual_seed(rank)
     q = torch.randn(1, lengths[rank], args.heads, args.headdim, generator=g, device=device, dtype=dtype)
     k, v = (torch.randn(1, lengths[rank], args.kv_heads, args.headdim, generator=g, device=device, dtype=dtype)
