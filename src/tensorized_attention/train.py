@@ -1174,7 +1174,7 @@ def add_arguments(p) -> None:
                         "text (keys apart from the evaluation's); 0: none")
     p.add_argument("--answer-weight", type=float, default=1.0,
                    help="with --retrieval-share: each answer token of a synthetic row counts this many times in its "
-                        "row's mean loss (1: like any other token)")
+                        "micro-batch's mean loss (1: like any other token)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="the cosine decays to this times --lr")
     p.add_argument("--warmup", type=float, default=0.05,
                    help="linear warmup: steps (>= 1), or a fraction of the steps (< 1)")
