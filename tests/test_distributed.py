@@ -361,3 +361,23 @@ def test_check_benchmark_runs_on_cpu(tmp_path):
     assert set(result["tensors"]) == {"out", "dq", "dk", "dv"}
     for row in result["tensors"].values():
         assert row["max_abs_reference"] > 0.1 and row["max_abs_diff"] <= 1e-5 * row["max_abs_reference"]
+
+
+def test_trace_timeline_lists_the_kernels_in_order():
+    """benchmarks/trace_timeline.py: the GPU kernels of a Chrome trace by start, with their
+    duration and stream, CPU events and short kernels left out."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "trace_timeline.py"
+    spec = importlib.util.spec_from_file_location("trace_timeline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    trace = {"traceEvents": [
+        {"ph": "X", "cat": "kernel", "name": "b", "ts": 3000.0, "dur": 500.0, "args": {"stream": 7}},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::cat", "ts": 500.0, "dur": 9000.0},
+        {"ph": "X", "cat": "kernel", "name": "a", "ts": 1000.0, "dur": 1500.0, "args": {"stream": 17}},
+        {"ph": "X", "cat": "kernel", "name": "tiny", "ts": 4000.0, "dur": 10.0, "args": {"stream": 7}},
+    ]}
+    assert module.timeline(trace) == [(0.0, 1.5, 17, "a"), (2.0, 0.5, 7, "b")]
+    assert module.timeline({"traceEvents": []}) == []
